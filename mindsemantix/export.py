@@ -1,0 +1,66 @@
+"""Stage hand-off (DESIGN.md, Contract 3): an export is a folder with `config.json` and
+`model.safetensors` holding the trained parts only — never frozen LLM / Stable Diffusion weights.
+
+The folder is written atomically (see `mindsemantix.io.atomic_dir`), so an interrupted export never
+leaves a folder that loads as valid; `load_export` checks that both files exist and parse.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mindsemantix.io import atomic_dir
+
+EXPORT_FORMAT = "mindsemantix-export/1"
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def save_export(folder: str | Path, kind: str, config: dict[str, Any],
+                tensors: dict[str, torch.Tensor], extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write `folder/config.json` (`{"format", "kind", **config}`) and `folder/model.safetensors`.
+
+    `kind` names what the export holds (e.g. "brain_encoder", "brain_qformer"), so a stage that is
+    pointed at the wrong export fails with a clear message.
+    """
+    folder = Path(folder)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_dir(folder) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": EXPORT_FORMAT, "kind": kind})
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        # config.json last: its presence marks a complete folder even for non-atomic copies.
+        (tmp / "config.json").write_text(json.dumps({"format": EXPORT_FORMAT, "kind": kind, **config}, indent=2) + "\n")
+    return folder
+
+
+def load_export(folder: str | Path, kind: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Return `(config, tensors)` of an export folder, checking it is complete and of `kind`."""
+    folder = Path(folder)
+    cfg_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    if not folder.is_dir():
+        raise ExportError(f"export folder {folder} does not exist")
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise ExportError(f"export {folder} is incomplete: {p.name} is missing")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"export {folder}: config.json is not valid JSON ({e})") from e
+    if config.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"export {folder}: unknown format {config.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    if kind is not None and config.get("kind") != kind:
+        raise ExportError(f"export {folder} holds a {config.get('kind')!r}, expected a {kind!r}")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ExportError(f"export {folder}: model.safetensors is unreadable ({e})") from e
+    return config, tensors
