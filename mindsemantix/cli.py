@@ -1,0 +1,69 @@
+"""Command line: `mindsemantix` (also installed as `lightning`).
+
+    mindsemantix fit|validate|test|predict --config stages/<stage>.yaml [--overrides]   (LightningCLI)
+    mindsemantix data inspect DIR [--no-checksums]
+    mindsemantix score-captions --predictions P.jsonl --references R.jsonl --out M.json
+    mindsemantix score-images --predictions DIR --targets DIR --out M.json
+    mindsemantix evaluate ...                                                          (see `make eval`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Non-Lightning subcommands: name -> module with `main(argv) -> int`.
+TOOLS = {
+    "data": "mindsemantix.cli",
+    "score-captions": "mindsemantix.eval.captions",
+    "score-images": "mindsemantix.eval.images",
+    "evaluate": "mindsemantix.eval.report",
+}
+
+
+def data_main(argv: list[str]) -> int:
+    from mindsemantix.data.shards import ShardError, inspect
+
+    parser = argparse.ArgumentParser(prog="mindsemantix data", description="Shard dataset tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="print subjects, voxel counts, samples per split; check the manifest")
+    p.add_argument("dataset", help="shard dataset folder (with manifest.json)")
+    p.add_argument("--no-checksums", action="store_true", help="check sizes only, not sha256")
+    args = parser.parse_args(argv)
+    try:
+        print("\n".join(inspect(args.dataset, checksums=not args.no_checksums)))
+    except ShardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def lightning_cli(args: list[str] | None = None):
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    from mindsemantix.data.datamodule import BrainDataModule
+
+    return LightningCLI(
+        L.LightningModule, BrainDataModule, subclass_mode_model=True,
+        seed_everything_default=0, save_config_kwargs={"overwrite": True}, args=args,
+        parser_kwargs={"prog": "mindsemantix"},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOLS:
+        if argv[0] == "data":
+            return data_main(argv[1:])
+        module = importlib.import_module(TOOLS[argv[0]])
+        return int(module.main(argv[1:]) or 0)
+    if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
+        print(__doc__)
+    lightning_cli(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
