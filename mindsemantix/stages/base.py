@@ -1,0 +1,101 @@
+"""What the three stage LightningModules share: optimisation, exports, frozen weights kept out of
+checkpoints, and a policy for non-finite losses. Losses and logging stay in each stage's module."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+
+class StageModule(L.LightningModule):
+    """Base of BrainMAE, BrainAlign and BrainReconstruct.
+
+    Args:
+        lr, weight_decay, betas: AdamW over the parameters that require gradients.
+        warmup_steps: linear warm-up, then cosine decay to `lr * min_lr_ratio` at the last step.
+        export_dir: where the stage's export (Contract 3) is written at the end of `fit` (rank 0).
+        nonfinite_loss: "skip" drops a batch whose loss is NaN/inf on any rank (all ranks skip it
+            together, so DDP stays in step) and counts it; "stop" raises with the batch's keys.
+    Subclasses set `frozen_prefixes` (state-dict key prefixes of frozen pretrained parts, e.g.
+    ("llm.",)): those weights are never written into checkpoints and need not be in them to load.
+    """
+
+    frozen_prefixes: tuple[str, ...] = ()
+
+    def __init__(self, lr: float = 1e-4, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.95),
+                 warmup_steps: int = 100, min_lr_ratio: float = 0.1, export_dir: str | None = None,
+                 nonfinite_loss: str = "skip"):
+        super().__init__()
+        if nonfinite_loss not in ("skip", "stop"):
+            raise ValueError(f"nonfinite_loss must be 'skip' or 'stop', got {nonfinite_loss!r}")
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+        self.export_dir, self.nonfinite_loss = export_dir, nonfinite_loss
+        self.skipped_nonfinite = 0
+
+    # -- non-finite losses
+    def guard_loss(self, loss: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor | None:
+        """Return `loss`, or None (Lightning then skips the batch) when it is not finite on any rank."""
+        bad = torch.tensor(0.0 if torch.isfinite(loss).all() else 1.0, device=loss.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad)  # every rank must take the same decision, or DDP hangs
+        if bad.item() == 0:
+            return loss
+        keys = batch.get("key", [])
+        if self.nonfinite_loss == "stop":
+            raise FloatingPointError(f"non-finite loss ({loss.item()}) at global step {self.global_step} on a batch "
+                                     f"of {batch.get('subject')} ({', '.join(keys[:4])}...); lower the learning "
+                                     "rate, or set model.init_args.nonfinite_loss: skip")
+        self.skipped_nonfinite += 1
+        self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), rank_zero_only=True)
+        return None
+
+    # -- optimisation
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]  # no weight decay on biases, norms, embeddings' scales
+        no_decay = [p for p in params if p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(self.warmup_steps, total // 2)
+
+        def lr_factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- frozen weights stay out of checkpoints
+    def _is_frozen_key(self, key: str) -> bool:
+        return bool(self.frozen_prefixes) and key.startswith(self.frozen_prefixes)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if self._is_frozen_key(k)]:
+            del state[key]
+        bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise FloatingPointError(f"refusing to write a checkpoint with non-finite weights: {bad[:5]}")
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # Frozen parts are rebuilt from their pretrained source, not from the checkpoint.
+        merged = {k: v for k, v in super().state_dict().items() if self._is_frozen_key(k)}
+        merged.update(state_dict)
+        return super().load_state_dict(merged, strict=strict, assign=assign)
+
+    # -- exports
+    def export(self, folder: str | Path) -> Path:  # pragma: no cover - each stage implements it
+        raise NotImplementedError
+
+    def on_train_end(self) -> None:
+        if self.export_dir and self.trainer.is_global_zero:
+            self.export(self.export_dir)
