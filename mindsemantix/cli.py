@@ -45,7 +45,19 @@ def lightning_cli(args: list[str] | None = None):
 
     from mindsemantix.data.datamodule import BrainDataModule
 
-    return LightningCLI(
+    class MindSemantixCLI(LightningCLI):
+        """`trainer.default_root_dir` is the run folder; what lives in it is derived from it after all
+        overrides are applied: the CSV logger writes `<run>/metrics.csv` (and hparams), checkpoints
+        go to `<run>/checkpoints` (ModelCheckpoint's default under that logger), the stage export to
+        `<run>/export` (StageModule). Override only `--trainer.default_root_dir` to move a run."""
+
+        def before_instantiate_classes(self) -> None:
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            if cfg.trainer.logger in (None, True):
+                cfg.trainer.logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                      "init_args": {"save_dir": cfg.trainer.default_root_dir or ".", "name": "", "version": ""}}
+
+    return MindSemantixCLI(
         L.LightningModule, BrainDataModule, subclass_mode_model=True,
         seed_everything_default=0, save_config_kwargs={"overwrite": True}, args=args,
         parser_kwargs={"prog": "mindsemantix"},

@@ -45,6 +45,7 @@ class SubjectInfo:
     n_voxels: int
     coords_mm: np.ndarray  # (V, 3) float32, shard voxel order
     dataset: str
+    mask_path: Path        # the subject's ROI mask (NIfTI) in the dataset
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +318,7 @@ class BrainDataModule(L.LightningDataModule):
                 for s, entry in ds.subjects.items():
                     if self.subjects_filter and s not in self.subjects_filter:
                         continue
-                    self._subject_info[s] = SubjectInfo(s, entry.n_voxels, entry.coords_mm(), ds.name)
+                    self._subject_info[s] = SubjectInfo(s, entry.n_voxels, entry.coords_mm(), ds.name, entry.mask_path)
         return self._subject_info
 
     def split_refs(self, split: str) -> list[SampleRef]:

@@ -18,7 +18,8 @@ class StageModule(L.LightningModule):
     Args:
         lr, weight_decay, betas: AdamW over the parameters that require gradients.
         warmup_steps: linear warm-up, then cosine decay to `lr * min_lr_ratio` at the last step.
-        export_dir: where the stage's export (Contract 3) is written at the end of `fit` (rank 0).
+        export_dir: where the stage's export (Contract 3) is written at the end of `fit` (rank 0);
+            default `<trainer.default_root_dir>/export`.
         nonfinite_loss: "skip" drops a batch whose loss is NaN/inf on any rank (all ranks skip it
             together, so DDP stays in step) and counts it; "stop" raises with the batch's keys.
     Subclasses set `frozen_prefixes` (state-dict key prefixes of frozen pretrained parts, e.g.
@@ -96,6 +97,9 @@ class StageModule(L.LightningModule):
     def export(self, folder: str | Path) -> Path:  # pragma: no cover - each stage implements it
         raise NotImplementedError
 
+    def resolved_export_dir(self) -> Path:
+        return Path(self.export_dir) if self.export_dir else Path(self.trainer.default_root_dir) / "export"
+
     def on_train_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            self.export(self.export_dir)
+        if self.trainer.is_global_zero:
+            self.export(self.resolved_export_dir())

@@ -1,0 +1,157 @@
+"""Stage 1: BrainMAE — masked brain modelling over many subjects (`stages/pretrain.yaml`).
+
+The model is `mindsemantix.models.brain_encoder.BrainEncoder`; this module holds the loss
+bookkeeping, metrics, the picture and the export. Subjects' input layers are built in `setup()`
+from the datamodule (their voxel coordinates are data, not hyper-parameters).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchmetrics import MeanMetric
+
+from mindsemantix.models.brain_encoder import BrainEncoder, BrainEncoderConfig
+from mindsemantix.stages.base import StageModule
+
+
+def masked_pearson(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample Pearson correlation over the masked voxels: (B, V) x3 -> (B,)."""
+    m = mask.float()
+    n = m.sum(1).clamp_min(2)
+    p = pred - (pred * m).sum(1, keepdim=True) / n[:, None]
+    t = target - (target * m).sum(1, keepdim=True) / n[:, None]
+    cov = (p * t * m).sum(1)
+    return cov / ((p.pow(2) * m).sum(1).sqrt() * (t.pow(2) * m).sum(1).sqrt()).clamp_min(1e-8)
+
+
+class BrainMAE(StageModule):
+    """Pretrains the brain encoder as a masked autoencoder.
+
+    Args:
+        preset: size preset of BrainEncoderConfig ("tiny", "base", "large").
+        encoder: overrides of the preset's fields (e.g. {"depth": 8, "mask_ratio": 0.75}).
+        init_from: a stage-1 export to start from (continue pretraining, or add subjects to it).
+        train_only_new_subjects: with `init_from`, freeze everything except the input layers and
+            output heads of subjects the export does not have (fitting a new subject).
+        val_mask_seed: validation masks come from this seed, so val losses are comparable.
+        n_plot_samples: validation samples shown in `mae_reconstruction.png` at the end of fit.
+        **kwargs: optimisation / export settings of StageModule (lr, warmup_steps, export_dir, ...).
+    """
+
+    def __init__(self, preset: str = "tiny", encoder: dict[str, Any] | None = None, init_from: str | None = None,
+                 train_only_new_subjects: bool = False, val_mask_seed: int = 1234, n_plot_samples: int = 3,
+                 lr: float = 2.5e-4, weight_decay: float = 0.05, **kwargs: Any):
+        super().__init__(lr=lr, weight_decay=weight_decay, **kwargs)
+        self.save_hyperparameters()
+        if train_only_new_subjects and not init_from:
+            raise ValueError("train_only_new_subjects needs init_from: the export whose shared part stays frozen")
+        self.config = BrainEncoderConfig.preset(preset, **(encoder or {}))
+        self.encoder = BrainEncoder.from_pretrained(init_from, with_decoder=True) if init_from else BrainEncoder(self.config)
+        if init_from:
+            self.config = self.encoder.config
+        self.val_corr: dict[str, MeanMetric] = {}
+        self._plot_batch: dict[str, Any] | None = None
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        if datamodule is None:
+            return
+        pretrained_subjects = set(self.encoder.subjects)
+        for name, info in datamodule.subject_info().items():
+            self.encoder.add_subject(name, info.coords_mm)
+        if self.hparams.train_only_new_subjects:
+            new = [s for s in self.encoder.subjects if s not in pretrained_subjects]
+            if not new:
+                raise ValueError(f"train_only_new_subjects: every subject of the data is already in {self.hparams.init_from}")
+            self.encoder.freeze_except_subjects(new)
+        # One metric per subject, registered so Lightning syncs it across ranks.
+        for name in self.encoder.subjects:
+            if name not in self.val_corr:
+                self.val_corr[name] = MeanMetric().to(self.device)
+                self.add_module(f"val_corr_{name.replace('-', '_')}", self.val_corr[name])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int):
+        out = self.encoder.forward_mae(batch["fmri"], batch["subject"])
+        loss = self.guard_loss(out.loss, batch)
+        if loss is not None:
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["key"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        generator = torch.Generator(device=self.device).manual_seed(self.hparams.val_mask_seed + batch_idx)
+        out = self.encoder.forward_mae(batch["fmri"], batch["subject"], generator=generator)
+        n = len(batch["key"])
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=n, sync_dist=True)
+        corr = masked_pearson(out.pred, batch["fmri"].float(), out.mask)
+        self.val_corr[batch["subject"]].update(corr)
+        if self._plot_batch is None and self.trainer.is_global_zero:
+            k = self.hparams.n_plot_samples
+            self._plot_batch = {"subject": batch["subject"], "key": batch["key"][:k], "fmri": batch["fmri"][:k].float().cpu(),
+                                "pred": out.pred[:k].float().cpu(), "mask": out.mask[:k].cpu()}
+
+    def on_validation_epoch_end(self) -> None:
+        values = []
+        for name, metric in self.val_corr.items():
+            if metric.update_count:  # only subjects present in this validation
+                value = metric.compute()
+                self.log(f"val/masked_corr/{name}", value)
+                values.append(value)
+                metric.reset()
+        if values:
+            self.log("val/masked_corr", torch.stack(values).mean(), prog_bar=True)
+
+    def on_validation_start(self) -> None:
+        self._plot_batch = None
+
+    def export(self, folder: str | Path) -> Path:
+        return self.encoder.save_pretrained(folder)
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self.trainer.is_global_zero and self._plot_batch is not None:
+            out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            info = self.trainer.datamodule.subject_info()[self._plot_batch["subject"]]
+            plot_mae_reconstruction(self._plot_batch, info.mask_path, out_dir / "mae_reconstruction.png")
+
+
+def plot_mae_reconstruction(sample: dict[str, Any], mask_path: str | Path, out: str | Path) -> Path:
+    """For a few validation samples: true pattern | what the encoder saw (masked) | reconstruction,
+    as axial slices of the ROI in the subject's brain space (nilearn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+    from nilearn import plotting
+
+    from mindsemantix.io import atomic_path
+
+    mask_img = nib.load(str(mask_path))
+    roi = np.asarray(mask_img.dataobj) > 0
+
+    def to_img(values: np.ndarray) -> nib.Nifti1Image:
+        vol = np.zeros(roi.shape, np.float32)
+        vol[roi] = values  # C-order nonzero == shard voxel order
+        return nib.Nifti1Image(vol, mask_img.affine)
+
+    rows = len(sample["key"])
+    fig, axes = plt.subplots(rows, 3, figsize=(13, 2.6 * rows), squeeze=False)
+    vmax = float(np.percentile(np.abs(sample["fmri"].numpy()), 98)) or 1.0
+    for r in range(rows):
+        true = sample["fmri"][r].numpy()
+        seen = np.where(sample["mask"][r].numpy(), 0.0, true)
+        columns = [("true", true), ("visible to the encoder (75% hidden)", seen), ("reconstruction", sample["pred"][r].numpy())]
+        for c, (title, values) in enumerate(columns):
+            plotting.plot_stat_map(to_img(values), bg_img=None, display_mode="z", cut_coords=4, axes=axes[r, c],
+                                   vmax=vmax, colorbar=c == 2, annotate=False, draw_cross=False,
+                                   title=f"{sample['key'][r]}: {title}" if c == 0 else title)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return out
