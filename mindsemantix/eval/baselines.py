@@ -1,0 +1,263 @@
+"""Baselines that the model is compared with in the same evaluation run (Contract 4 `baselines.<name>`).
+
+Captions:
+- `chance`: for every test image, one caption of a random training image (seeded).
+- `ridge_retrieval`: per subject, closed-form ridge regression from voxels (mean over repetitions)
+  to the all-MiniLM-L6-v2 embedding of the image's training captions (mean of its captions'
+  unit embeddings, renormalised); the prediction is the training caption whose embedding is
+  nearest (cosine) to the predicted one. The ridge penalty is chosen per subject by exact
+  leave-one-out error on the training set, over a log grid.
+Images:
+- `chance`: the seen images shuffled (a derangement: no image is paired with itself).
+- `caption_only`, `latent_only`, `ridge_latent` come from stage 3 as image folders.
+
+Everything works on plain arrays (tested alone); `load_split_arrays` and `main` wire it to a
+Contract-1 shard dataset: `python -m mindsemantix.eval.baselines --data SHARDS --out DIR` writes
+references.jsonl, chance.jsonl, ridge_retrieval.jsonl, seen/ and chance_images/ for the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from mindsemantix.io import atomic_dir, atomic_path, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALPHAS = tuple(10.0 ** np.arange(-2, 7))  # relative to the mean singular value squared, see fit_ridge
+
+
+# ---------------------------------------------------------------------------------------------
+# Chance
+
+
+def chance_captions(test_keys: Sequence[str], train_captions: Mapping[str, Sequence[str]], seed: int = 0
+                    ) -> dict[str, str]:
+    """{test key: one caption of a uniformly drawn training image} (seeded, order-independent)."""
+    if not train_captions:
+        raise ValueError("chance captions need training captions")
+    train_keys = sorted(train_captions)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key in sorted(test_keys):
+        caps = train_captions[train_keys[rng.integers(len(train_keys))]]
+        out[key] = caps[rng.integers(len(caps))]
+    return out
+
+
+def derangement(keys: Sequence[str], seed: int = 0) -> dict[str, str]:
+    """{key: another key}, a random permutation with no fixed point (for shuffled seen images)."""
+    keys = sorted(keys)
+    if len(keys) < 2:
+        raise ValueError("shuffling needs at least 2 images")
+    rng = np.random.default_rng(seed)
+    # a random cyclic shift of a random order never maps an element to itself
+    order = rng.permutation(len(keys))
+    shift = int(rng.integers(1, len(keys)))
+    return {keys[order[i]]: keys[order[(i + shift) % len(keys)]] for i in range(len(keys))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Ridge regression (closed form, leave-one-out choice of the penalty)
+
+
+@dataclass
+class RidgeFit:
+    x_mean: np.ndarray  # (V,)
+    y_mean: np.ndarray  # (D,)
+    weights: np.ndarray  # (V, D)
+    alpha: float
+    loo_mse: dict[float, float] = field(default_factory=dict)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """(M, V) -> (M, D)."""
+        return (np.asarray(x, dtype=np.float64) - self.x_mean) @ self.weights + self.y_mean
+
+
+def fit_ridge(x: np.ndarray, y: np.ndarray, alphas: Sequence[float] = DEFAULT_ALPHAS) -> RidgeFit:
+    """Ridge from x (N, V) to y (N, D) with an intercept; the penalty minimises leave-one-out MSE.
+
+    Through the thin SVD of the centred x (cost min(N,V)^2 max(N,V)), every penalty costs only a
+    rescaling: W = V diag(s / (s^2 + a)) U^T Y; the hat matrix with the (unpenalised) intercept is
+    H = 11^T / N + U diag(s^2 / (s^2 + a)) U^T, and the exact leave-one-out residual of sample i is
+    (y_i - (H y)_i) / (1 - H_ii). `alphas` are relative to the mean of s^2, so one grid suits any
+    voxel count and scale.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
+        raise ValueError(f"ridge needs x (N, V) and y (N, D) with the same N, got {x.shape} and {y.shape}")
+    if len(x) < 3:
+        raise ValueError(f"ridge needs at least 3 training samples, got {len(x)}")
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    xc, yc = x - x_mean, y - y_mean
+    u, s, vt = np.linalg.svd(xc, full_matrices=False)  # xc = u diag(s) vt
+    uty = u.T @ yc  # (k, D)
+    scale = float(np.mean(s ** 2)) or 1.0
+    loo = {}
+    for rel in alphas:
+        a = rel * scale
+        shrink = s ** 2 / (s ** 2 + a)  # (k,)
+        fitted = u @ (shrink[:, None] * uty)  # H Y
+        h_diag = 1.0 / len(x) + (u ** 2) @ shrink  # (N,); 1/N: the unpenalised intercept's share
+        resid = (yc - fitted) / np.clip(1.0 - h_diag, 1e-12, None)[:, None]
+        loo[float(rel)] = float(np.mean(resid ** 2))
+    best = min(loo, key=loo.get)
+    a = best * scale
+    weights = vt.T @ ((s / (s ** 2 + a))[:, None] * uty)  # (V, D)
+    return RidgeFit(x_mean, y_mean, weights, best, loo)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ridge -> nearest training caption
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(min=1e-12)
+
+
+def caption_targets(captions: Sequence[Sequence[str]], encoder) -> np.ndarray:
+    """Per image: the renormalised mean of its captions' unit embeddings, (N, D)."""
+    flat = [c for caps in captions for c in caps]
+    emb = _unit(np.asarray(encoder.encode(flat), dtype=np.float64))
+    out, start = [], 0
+    for caps in captions:
+        out.append(emb[start:start + len(caps)].mean(0))
+        start += len(caps)
+    return _unit(np.stack(out))
+
+
+def ridge_caption_retrieval(x_train: np.ndarray, captions_train: Sequence[Sequence[str]], x_test: np.ndarray,
+                            encoder, *, candidates: Sequence[str] | None = None,
+                            alphas: Sequence[float] = DEFAULT_ALPHAS) -> tuple[list[str], RidgeFit]:
+    """Predict a sentence embedding from voxels, return the nearest candidate caption per test row.
+
+    x_train (N, V) voxels (mean over repetitions), captions_train N lists of captions, x_test (M, V).
+    candidates: the captions to retrieve from (default: every training caption, deduplicated).
+    """
+    if len(captions_train) != len(x_train):
+        raise ValueError(f"{len(x_train)} training rows but {len(captions_train)} caption lists")
+    fit = fit_ridge(x_train, caption_targets(captions_train, encoder), alphas)
+    pool = list(dict.fromkeys(candidates if candidates is not None else (c for caps in captions_train for c in caps)))
+    pool_emb = _unit(np.asarray(encoder.encode(pool), dtype=np.float64))  # (C, D)
+    predicted = _unit(fit.predict(x_test))  # (M, D)
+    nearest = np.argmax(predicted @ pool_emb.T, axis=1)
+    return [pool[i] for i in nearest], fit
+
+
+# ---------------------------------------------------------------------------------------------
+# Data wiring (Contract-1 shards)
+
+
+@dataclass
+class SplitArrays:
+    """One subject's samples of one split: keys, voxels (mean over repetitions), captions, images."""
+
+    keys: list[str]
+    x: np.ndarray  # (N, V) float32
+    captions: list[list[str]] | None = None
+    images: list[np.ndarray] | None = None  # (H, W, 3) uint8 each
+
+
+def mean_repetitions(fmri: np.ndarray) -> np.ndarray:
+    """(R, V) repetitions of one image -> (V,) float32 mean (the test-time input of every stage)."""
+    return np.asarray(fmri, dtype=np.float32).mean(0)
+
+
+def load_split_arrays(root: str | os.PathLike, split: str, *, captions: bool = True, images: bool = False
+                      ) -> dict[str, SplitArrays]:
+    """{subject: SplitArrays} of a Contract-1 dataset split, keys sorted within each subject."""
+    from mindsemantix.data.shards import ShardDataset, iter_split
+
+    ds = ShardDataset(root)
+    fields = ["fmri"] + (["captions"] if captions else []) + (["image"] if images else [])
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for sample in iter_split(ds, split, fields):
+        rows.setdefault(sample["subject"], []).append(sample)
+    out = {}
+    for subject, samples in rows.items():
+        samples.sort(key=lambda r: r["key"])
+        out[subject] = SplitArrays(
+            keys=[r["key"] for r in samples], x=np.stack([mean_repetitions(r["fmri"]) for r in samples]),
+            captions=[list(r["captions"]) for r in samples] if captions else None,
+            images=[r["image"] for r in samples] if images else None)
+    if not out:
+        raise ValueError(f"{root}: split {split!r} has no samples")
+    return out
+
+
+def caption_baselines(train: Mapping[str, SplitArrays], test: Mapping[str, SplitArrays], encoder, seed: int = 0,
+                      alphas: Sequence[float] = DEFAULT_ALPHAS) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
+    """{"chance": {key: caption}, "ridge_retrieval": {key: caption}} and fit info per subject."""
+    train_captions = {k: caps for arr in train.values() for k, caps in zip(arr.keys, arr.captions)}
+    test_keys = [k for arr in test.values() for k in arr.keys]
+    baselines = {"chance": chance_captions(test_keys, train_captions, seed), "ridge_retrieval": {}}
+    info: dict[str, Any] = {}
+    for subject, arr in test.items():
+        if subject not in train:
+            raise ValueError(f"subject {subject!r} has test samples but no training samples")
+        preds, fit = ridge_caption_retrieval(train[subject].x, train[subject].captions, arr.x, encoder, alphas=alphas)
+        baselines["ridge_retrieval"].update(zip(arr.keys, preds))
+        info[subject] = {"n_train": len(train[subject].keys), "alpha_relative": fit.alpha}
+    return baselines, info
+
+
+def write_jsonl(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def write_image_folder(folder: str | os.PathLike, images: Mapping[str, np.ndarray]) -> None:
+    """`<folder>/<key>.png` for each (H, W, 3) uint8 image, the folder replaced as a whole."""
+    from PIL import Image
+
+    with atomic_dir(folder) as tmp:
+        for key, image in images.items():
+            Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp / f"{key}.png")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mindsemantix.eval.baselines",
+                                description="Caption and image baselines (and the references) from a shard dataset.")
+    p.add_argument("--data", required=True, help="Contract-1 shard dataset (needs train and test with captions)")
+    p.add_argument("--out", required=True, help="folder for references.jsonl, chance.jsonl, ridge_retrieval.jsonl, "
+                                                "seen/, chance_images/")
+    p.add_argument("--split", default="test")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sentence-encoder", default="offline:all-minilm-l6-v2")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from mindsemantix.models.pretrained import load_sentence_encoder
+
+    out = Path(args.out)
+    try:
+        train = load_split_arrays(args.data, "train")
+        test = load_split_arrays(args.data, args.split, images=True)
+    except ValueError as e:  # ShardError is a ValueError
+        print(f"baselines: error: {e}", file=sys.stderr)
+        return 2
+    baselines, info = caption_baselines(train, test, load_sentence_encoder(args.sentence_encoder), seed=args.seed)
+    keys = [k for arr in test.values() for k in arr.keys]
+    refs = {k: caps for arr in test.values() for k, caps in zip(arr.keys, arr.captions)}
+    write_jsonl(out / "references.jsonl", [{"key": k, "captions": refs[k]} for k in keys])
+    for name, preds in baselines.items():
+        write_jsonl(out / f"{name}.jsonl", [{"key": k, "caption": preds[k]} for k in keys])
+    seen = {k: im for arr in test.values() for k, im in zip(arr.keys, arr.images)}
+    write_image_folder(out / "seen", seen)
+    write_image_folder(out / "chance_images", {k: seen[src] for k, src in derangement(keys, args.seed).items()})
+    write_json_atomic(out / "baselines_info.json", {"seed": args.seed, "data": str(args.data), "ridge": info})
+    print(f"wrote baselines for {len(keys)} test images to {out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
