@@ -3,12 +3,17 @@
 
     python data_recipes/toyworld.py --out data/toyworld --seed 0
 
-Then convert it exactly as the real release is converted:
+Then convert it exactly as the real release is converted, and its image-less pretraining corpus
+(BOLD runs of 4 more, corpus-only subjects in BIDS, `--corpus-subjects 0` for none) exactly as
+any BIDS corpus is:
 
     python data_recipes/nsd.py --nsd-root data/toyworld --out data/shards/toyworld
+    python data_recipes/fmri_corpus.py --root data/toyworld/corpus_bids --dataset toycorpus \
+        --out data/shards/toycorpus --roi background --window 4
 
-The default size (4 subjects, 5 sessions of 750 trials, 100 shared test images, 64 x 64 images)
-builds in about two minutes on 2 CPU cores. See docs/data.md for what is simulated and how.
+The default size (4 subjects, 5 sessions of 750 trials, 100 shared test images, 64 x 64 images;
+corpus 4 subjects x 4 runs x 750 frames) builds in 2-3 minutes on 2 CPU cores. See
+docs/data.md for what is simulated and how.
 """
 
 from __future__ import annotations
@@ -39,12 +44,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="share of test images with shape x colour combinations absent from training")
     p.add_argument("--betas-format", choices=["nii.gz", "hdf5", "both"], default="nii.gz",
                    help="which variant(s) of the release's betas files to write")
+    p.add_argument("--corpus-subjects", type=int, default=4,
+                   help="corpus-only subjects (sub-c01..) of the image-less pretraining corpus; 0: no corpus")
+    p.add_argument("--corpus-runs", type=int, default=4, help="corpus runs per subject (the same movie for all)")
+    p.add_argument("--corpus-frames", type=int, default=750, help="frames per corpus run")
+    p.add_argument("--corpus-tr", type=float, default=0.8, help="corpus repetition time in seconds")
+    p.add_argument("--corpus-tsnr", type=float, default=70.0, help="median temporal SNR of corpus ROI voxels")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from mindsemantix.simulate.corpus import CorpusConfig
     from mindsemantix.simulate.study import StudyConfig, build_study
 
     lo, hi = (args.voxel_size * 2)[:2] if len(args.voxel_size) == 1 else args.voxel_size[:2]
@@ -53,6 +65,8 @@ def main(argv=None) -> dict:
         shared_images=args.shared_images, reps=args.reps, image_size=args.image_size,
         voxel_size=(lo, hi), ncsnr=args.ncsnr, novel_fraction=args.novel_fraction,
         betas_format=args.betas_format,
+        corpus=CorpusConfig(subjects=args.corpus_subjects, runs=args.corpus_runs, frames=args.corpus_frames,
+                            tr=args.corpus_tr, tsnr=args.corpus_tsnr),
     )
     try:
         summary = build_study(args.out, config, progress=not args.quiet)
@@ -64,6 +78,15 @@ def main(argv=None) -> dict:
         print(f"  {name}: {info['n_voxels']} voxels ({info['voxel_size_mm']} mm grid {info['grid']}), "
               f"{info['sessions']} sessions, ncsnr median {info['ncsnr_median']}, "
               f"noise ceiling (3 trials) median {info['noise_ceiling_3trials_median_pct']}%")
+    if "corpus" in summary:
+        corpus = summary["corpus"]
+        print(f"corpus {args.out / corpus['bids']}: {len(corpus['subjects'])} subjects x "
+              f"{corpus['runs_per_subject']} runs x {corpus['frames_per_run']} frames (TR {corpus['tr']} s), "
+              f"{corpus['n_scenes']} scenes")
+        for label, info in corpus["subjects"].items():
+            print(f"  sub-{label}: {info['n_voxels']} voxels ({info['voxel_size_mm']} mm), "
+                  f"tSNR median {info['tsnr_measured_median']}, "
+                  f"stimulus-driven variance {info['stimulus_variance_share_median']:.0%}")
     return summary
 
 

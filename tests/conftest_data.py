@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 # 2 subjects on a coarse 7 mm grid (~400 ROI voxels each); subj01 completes both sessions,
 # subj02 only the first (a trailing session absent, as in the release); both betas variants.
 TINY_TOYWORLD = ["--seed", "3", "--subjects", "2", "--sessions", "2", "--incomplete", "2",
-                 "--shared-images", "40", "--voxel-size", "7", "--betas-format", "both", "--quiet"]
+                 "--shared-images", "40", "--voxel-size", "7", "--betas-format", "both", "--quiet",
+                 "--corpus-subjects", "0"]
 
 _built: dict[tuple, Path] = {}
 

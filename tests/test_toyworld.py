@@ -196,7 +196,9 @@ def test_voxel_code_is_nonlinear_and_subject_specific(toyworld_tree):
 
 
 def test_deterministic_by_seed(tmp_path):
-    args = ["--subjects", "1", "--sessions", "1", "--shared-images", "20", "--voxel-size", "9", "--quiet"]
+    # the corpus's own determinism is tested in test_toy_corpus.py; --corpus-subjects 0 writes none
+    args = ["--subjects", "1", "--sessions", "1", "--shared-images", "20", "--voxel-size", "9",
+            "--corpus-subjects", "0", "--quiet"]
     a = build_toyworld(tmp_path, ["--seed", "5", *args])
     b = build_toyworld(tmp_path, ["--seed", "5", *args, "--betas-format", "nii.gz"])  # same content
     c = build_toyworld(tmp_path, ["--seed", "6", *args])
@@ -204,6 +206,7 @@ def test_deterministic_by_seed(tmp_path):
     load = lambda root: np.asanyarray(nib.load(str(NSDLayout(root).betas(1, 1))).dataobj)  # noqa: E731
     assert np.array_equal(load(a), load(b))
     assert (a / "toyworld_truth/truth.json").read_text() != (c / "toyworld_truth/truth.json").read_text()
+    assert not (a / "corpus_bids").exists() and not (a / "toyworld_truth/corpus.json").exists()
 
 
 def test_rejects_bad_arguments(tmp_path):

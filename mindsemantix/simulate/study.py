@@ -9,6 +9,10 @@ a shared set seen by all (the test set), each image up to `reps` times in one ma
 750-trial sessions common to all subjects; some subjects complete fewer sessions. The shared set
 is made of new scenes, half of which (`novel_fraction`) contain shape x colour combinations that
 never occur in any subject's own images.
+
+With `corpus.subjects > 0` the study also gets its image-less pretraining corpus (`corpus.py`):
+BOLD runs of other, corpus-only brains watching a stream of new scenes, in BIDS under
+`corpus_bids/`, written inside the same atomic folder.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from mindsemantix.data.nsd import BETA_SCALE, TRIALS_PER_SESSION, NSDLayout, sub
 from mindsemantix.io import atomic_dir
 
 from . import brain, nsd_layout
+from .corpus import CORPUS_DIR, CorpusConfig, build_corpus
 from .captions import canonical_caption, describe
 from .scenes import BACKGROUNDS, COLOURS, LAYOUTS, SHAPES, Scene, choose_held_out_pairs, render_scene, sample_scene
 
@@ -48,6 +53,7 @@ class StudyConfig:
     captions_per_image: int = 5
     betas_format: str = "nii.gz"  # "nii.gz", "hdf5" or "both"
     val2017_fraction: float = 0.15  # share of images whose (fake) cocoSplit is val2017
+    corpus: CorpusConfig = dataclasses.field(default_factory=CorpusConfig)  # subjects=0: none
 
     @property
     def images_per_subject(self) -> int:
@@ -71,6 +77,7 @@ class StudyConfig:
             raise ValueError("--betas-format must be nii.gz, hdf5 or both")
         if not 0 <= self.novel_fraction <= 1:
             raise ValueError("--novel-fraction must be in [0, 1]")
+        self.corpus.validate()
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
@@ -183,6 +190,11 @@ def build_study(out: str | Path, config: StudyConfig, progress: bool = True) -> 
         nsd_layout.write_stimuli(layout.stimuli, images[scene_of_nsd_id])
         nsd_layout.write_coco_captions(layout.annotations, coco_id, coco_split,
                                        [captions[k] for k in scene_of_nsd_id], config.image_size)
+        if config.corpus.subjects:
+            # never shows a study scene (test images included) or a held-out combination
+            summary["corpus"] = build_corpus(tmp / CORPUS_DIR, tmp / TRUTH_DIR / "corpus.json", config.corpus,
+                                             config.seed, held_out, scenes, config.voxel_size,
+                                             config.image_size, progress)
         truth_json = {
             **summary,
             "feature_names": FEATURE_NAMES,
