@@ -39,6 +39,27 @@ def data_main(argv: list[str]) -> int:
     return 0
 
 
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matrix products beat fp32 on CPUs with AVX512-BF16 or AMX; elsewhere (e.g. AVX2 only)
+    bf16 autocast is emulated and many times slower than fp32."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def auto_precision(accelerator: str | None = "auto") -> str:
+    """`trainer.precision: null` in a config means: bf16-mixed where the hardware does bf16 fast
+    (GPUs with bf16, CPUs with AVX512-BF16/AMX), else 32-true."""
+    import torch
+
+    wants_gpu = accelerator in (None, "auto", "gpu", "cuda")
+    if wants_gpu and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
+
+
 def lightning_cli(args: list[str] | None = None):
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
@@ -53,6 +74,8 @@ def lightning_cli(args: list[str] | None = None):
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
+            if cfg.trainer.precision is None:
+                cfg.trainer.precision = auto_precision(cfg.trainer.accelerator)
             if cfg.trainer.logger in (None, True):
                 cfg.trainer.logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                       "init_args": {"save_dir": cfg.trainer.default_root_dir or ".", "name": "", "version": ""}}
