@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 # Non-Lightning subcommands: name -> module with `main(argv) -> int`.
 TOOLS = {
@@ -72,6 +73,31 @@ def lightning_cli(args: list[str] | None = None):
         go to `<run>/checkpoints` (ModelCheckpoint's default under that logger), the stage export to
         `<run>/export` (StageModule). Override only `--trainer.default_root_dir` to move a run."""
 
+        def _parse_ckpt_path(self) -> None:
+            """Resuming (`--ckpt_path`) restores the run from its checkpoint but keeps the model
+            configuration you give: Lightning's default would overwrite it silently with the
+            checkpoint's hyper-parameters (a pitfall DESIGN.md names). Differences are printed.
+            `last` is the newest *readable* checkpoint of this run; corrupt ones are skipped with a
+            warning. A bad explicit path fails here with a message naming the file."""
+            from mindsemantix.callbacks import load_checkpoint_safely, resolve_last_checkpoint
+
+            if not self.config.get("subcommand"):
+                return
+            cfg = self.config[self.config.subcommand]
+            ckpt_path = cfg.get("ckpt_path")
+            if ckpt_path == "last":
+                found = resolve_last_checkpoint(Path(cfg.trainer.default_root_dir or ".") / "checkpoints")
+                print(f"resuming from {found}" if found else "--ckpt_path last: no checkpoint in this run yet; starting fresh")
+                cfg.ckpt_path = ckpt_path = str(found) if found else None
+            if not ckpt_path or ckpt_path in ("best", "hpc") or "://" in str(ckpt_path):
+                return
+            saved = load_checkpoint_safely(ckpt_path).get("hyper_parameters", {})
+            given = cfg.model.get("init_args", {}) if hasattr(cfg.model, "get") else {}
+            changed = {k: (saved[k], given[k]) for k in saved if k in given and saved[k] != given[k]
+                       and not isinstance(saved[k], (dict, list))}
+            for k, (old, new) in changed.items():
+                print(f"note: resuming with model.init_args.{k}={new!r}; the checkpoint was trained with {old!r}")
+
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             if cfg.trainer.precision is None:
@@ -80,14 +106,18 @@ def lightning_cli(args: list[str] | None = None):
                 cfg.trainer.logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                       "init_args": {"save_dir": cfg.trainer.default_root_dir or ".", "name": "", "version": ""}}
 
+    from mindsemantix.callbacks import AtomicCheckpointIO, Preemption
+
     return MindSemantixCLI(
         L.LightningModule, BrainDataModule, subclass_mode_model=True,
+        trainer_defaults={"callbacks": [Preemption()], "plugins": [AtomicCheckpointIO()]},
         seed_everything_default=0, save_config_kwargs={"overwrite": True}, args=args,
         parser_kwargs={"prog": "mindsemantix"},
     )
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_console = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in TOOLS:
         if argv[0] == "data":
@@ -96,7 +126,15 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(argv[1:]) or 0)
     if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
         print(__doc__)
-    lightning_cli(argv)
+    from mindsemantix.callbacks import CheckpointError
+    from mindsemantix.data.shards import ShardError
+    from mindsemantix.export import ExportError
+
+    try:
+        lightning_cli(None if from_console else argv)
+    except (CheckpointError, ShardError, ExportError) as e:  # bad input: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -4,6 +4,7 @@ checkpoints, and a policy for non-finite losses. Losses and logging stay in each
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,15 @@ class StageModule(L.LightningModule):
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.export_dir, self.nonfinite_loss = export_dir, nonfinite_loss
         self.skipped_nonfinite = 0
+        self.preempted = False  # set by mindsemantix.callbacks.Preemption: no export for a cut-short run
+
+    # -- randomness that survives a resume
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Reseed torch's RNG from (seed, global step, rank) before every step: masks, dropout and
+        negatives then depend on nothing a checkpoint does not hold, so a resumed run draws exactly
+        what an uninterrupted one would (Lightning does not checkpoint RNG states)."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        torch.manual_seed((seed * 1_000_003 + self.global_step * 7919 + self.global_rank) % (2**63 - 1))
 
     # -- non-finite losses
     def guard_loss(self, loss: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor | None:
@@ -101,5 +111,5 @@ class StageModule(L.LightningModule):
         return Path(self.export_dir) if self.export_dir else Path(self.trainer.default_root_dir) / "export"
 
     def on_train_end(self) -> None:
-        if self.trainer.is_global_zero:
+        if self.trainer.is_global_zero and not self.preempted:
             self.export(self.resolved_export_dir())
