@@ -76,7 +76,7 @@ def uninterrupted(data, tmp_path_factory):
 
 def test_sigkill_after_checkpoint_then_resume_is_bitwise_exact(data, uninterrupted, tmp_path):
     run = tmp_path / "run"
-    fit(run, data, "--trainer.callbacks+=kill_callback.KillAtStep", "--trainer.callbacks.step=10", expect_rc=-9)
+    fit(run, data, "--trainer.callbacks+=probe_callbacks.KillAtStep", "--trainer.callbacks.step=10", expect_rc=-9)
     assert not (run / "export").exists()  # a killed run exports nothing
     assert load_checkpoint_safely(run / "checkpoints" / "last.ckpt")["global_step"] == 8
     fit(run, data, "--ckpt_path=last")
@@ -85,7 +85,7 @@ def test_sigkill_after_checkpoint_then_resume_is_bitwise_exact(data, uninterrupt
 
 def test_sigterm_saves_and_exits_cleanly_then_resume_is_bitwise_exact(data, uninterrupted, tmp_path):
     run = tmp_path / "run"
-    proc = fit(run, data, "--trainer.callbacks+=kill_callback.KillAtStep", "--trainer.callbacks.step=7",
+    proc = fit(run, data, "--trainer.callbacks+=probe_callbacks.KillAtStep", "--trainer.callbacks.step=7",
                "--trainer.callbacks.signal_name=SIGTERM")
     assert "preemption: received SIGTERM at step 7" in proc.stdout
     assert load_checkpoint_safely(run / "checkpoints" / "last.ckpt")["global_step"] == 7
@@ -96,7 +96,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resume_is_bitwise_exact(data, unin
 
 def test_corrupt_last_checkpoint_falls_back_to_previous_good_one(data, uninterrupted, tmp_path):
     run = tmp_path / "run"
-    fit(run, data, "--trainer.callbacks+=kill_callback.KillAtStep", "--trainer.callbacks.step=10", expect_rc=-9)
+    fit(run, data, "--trainer.callbacks+=probe_callbacks.KillAtStep", "--trainer.callbacks.step=10", expect_rc=-9)
     last = run / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # truncated, as by a full disk
     with pytest.raises(CheckpointError, match="last.ckpt is unreadable"):

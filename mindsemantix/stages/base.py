@@ -112,4 +112,5 @@ class StageModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero and not self.preempted:
-            self.export(self.resolved_export_dir())
+            folder = self.export(self.resolved_export_dir())
+            print(f"export: wrote {folder} (rank {self.global_rank})")

@@ -97,12 +97,12 @@ class BrainMAE(StageModule):
         values = []
         for name, metric in self.val_corr.items():
             if metric.update_count:  # only subjects present in this validation
-                value = metric.compute()
-                self.log(f"val/masked_corr/{name}", value)
+                value = metric.compute()  # torchmetrics already reduced it over ranks
+                self.log(f"val/masked_corr/{name}", value, sync_dist=True)
                 values.append(value)
                 metric.reset()
         if values:
-            self.log("val/masked_corr", torch.stack(values).mean(), prog_bar=True)
+            self.log("val/masked_corr", torch.stack(values).mean(), prog_bar=True, sync_dist=True)
 
     def on_validation_start(self) -> None:
         self._plot_batch = None
@@ -113,7 +113,8 @@ class BrainMAE(StageModule):
     def on_train_end(self) -> None:
         super().on_train_end()
         if self.trainer.is_global_zero and self._plot_batch is not None:
-            out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            # not trainer.log_dir: that is a collective (broadcast) and this runs on rank 0 only
+            out_dir = Path(self.trainer.logger.log_dir if self.trainer.logger else self.trainer.default_root_dir)
             info = self.trainer.datamodule.subject_info()[self._plot_batch["subject"]]
             plot_mae_reconstruction(self._plot_batch, info.mask_path, out_dir / "mae_reconstruction.png")
 
