@@ -4,8 +4,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mindsemantix-installed
 PYTEST_ARGS ?=
+# make demo [SCALE=default|tiny] [SEED=0] [SUBJECTS=4] [RUN=name] [DEMO_ROOT=dir];  make eval [RUN=name]
+SCALE ?= default
+SEED ?= 0
+SUBJECTS ?=
+RUN ?=
+DEMO_ROOT ?=
+DEMO_ARGS = $(if $(SUBJECTS),--subjects $(SUBJECTS)) $(if $(RUN),--run $(RUN)) $(if $(DEMO_ROOT),--root $(DEMO_ROOT))
 
-.PHONY: install test bench demo clean-demo
+.PHONY: install test bench demo eval
 
 # (Re)install when pyproject.toml or the set-up script changes.
 $(STAMP): pyproject.toml scripts/setup_env.sh
@@ -21,3 +28,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	@mkdir -p bench_results
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+# The whole job on a simulated study; finished steps are reused (see mindsemantix/demo.py).
+demo: $(STAMP)
+	$(PY) -m mindsemantix.demo --scale $(SCALE) --seed $(SEED) $(DEMO_ARGS)
+
+# Baselines + report (reports/<run>/eval.md) of the most recent run, or of RUN.
+eval: $(STAMP)
+	$(PY) -m mindsemantix.demo --eval-only $(DEMO_ARGS)

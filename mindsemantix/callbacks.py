@@ -18,6 +18,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.loggers import CSVLogger
 
 from mindsemantix.io import atomic_path
 
@@ -133,3 +134,28 @@ class Preemption(L.Callback):
                 job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else job
                 result = subprocess.run(["scontrol", "requeue", job], check=False)
                 print(f"preemption: scontrol requeue {job} -> exit {result.returncode}")
+
+
+class RunCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, except that a resumed run (`resume=True`) keeps the curves logged before
+    the interruption: the stock logger deletes `metrics.csv` when its folder is not empty. Rows
+    logged after the checkpoint a resumed run restarts from appear twice (the later one wins)."""
+
+    def __init__(self, *args: Any, resume: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._resume = resume
+
+    @property
+    def experiment(self):
+        if self._experiment is not None or not self._resume:
+            return super().experiment
+        path = Path(self.log_dir) / "metrics.csv"
+        previous = path.read_text() if path.is_file() else None
+        writer = super().experiment  # deletes metrics.csv
+        if previous:
+            path.write_text(previous)
+            header = previous.splitlines()[0].split(",") if previous.strip() else []
+            writer.metrics_keys = sorted(header)
+            if header != writer.metrics_keys:  # the writer appends in sorted column order
+                writer._rewrite_with_new_header(writer.metrics_keys)
+        return writer

@@ -103,8 +103,14 @@ def lightning_cli(args: list[str] | None = None):
             if cfg.trainer.precision is None:
                 cfg.trainer.precision = auto_precision(cfg.trainer.accelerator)
             if cfg.trainer.logger in (None, True):
-                cfg.trainer.logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                                      "init_args": {"save_dir": cfg.trainer.default_root_dir or ".", "name": "", "version": ""}}
+                # fit logs to the run folder; validate/test/predict to <run>/<subcommand>, so they never
+                # overwrite the training curves or the training config.yaml
+                save_dir = Path(cfg.trainer.default_root_dir or ".")
+                if self.subcommand not in (None, "fit"):
+                    save_dir = save_dir / self.subcommand
+                cfg.trainer.logger = {"class_path": "mindsemantix.callbacks.RunCSVLogger",
+                                      "init_args": {"save_dir": str(save_dir), "name": "", "version": "",
+                                                    "resume": self.subcommand == "fit" and bool(cfg.get("ckpt_path"))}}
 
     from mindsemantix.callbacks import AtomicCheckpointIO, Preemption
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -55,3 +56,13 @@ def tiny_dataset_factory(tmp_path):
     def factory(name="tiny", **kwargs):
         return make_tiny_dataset(tmp_path / name, **kwargs)
     return factory
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster on a busy machine: a 2-thread OpenMP
+    barrier per small op, with the other core taken, made tiny steps ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

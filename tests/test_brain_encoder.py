@@ -40,16 +40,6 @@ def structured_fmri(coords: np.ndarray, n: int, seed: int) -> torch.Tensor:
     return (x - x.mean(0)) / x.std(0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and on a shared 2-core machine a 2-thread OpenMP
-    # barrier per small op made these tests ~20x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**overrides) -> BrainEncoderConfig:
     return BrainEncoderConfig.preset("tiny", **overrides)
 

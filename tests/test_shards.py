@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 
 from mindsemantix.cli import main as cli_main
-from mindsemantix.data.shards import (ShardDataset, ShardError, ShardWriter, SampleReader, encode_npy, inspect,
-                                      iter_split, sha256_file)
+from mindsemantix.data.shards import (ShardDataset, ShardError, ShardWriter, SampleReader, encode_npy, iter_split, sha256_file)
 
 
 def rewrite_shard(root, rel, transform):

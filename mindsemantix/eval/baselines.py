@@ -9,7 +9,10 @@ Captions:
   leave-one-out error on the training set, over a log grid.
 Images:
 - `chance`: the seen images shuffled (a derangement: no image is paired with itself).
-- `caption_only`, `latent_only`, `ridge_latent` come from stage 3 as image folders.
+- `ridge_latent` (with `--diffusion`): per subject, ridge from voxels to the Stable Diffusion VAE's
+  latent of the seen image (the same target as stage 3's head), decoded by the same VAE — the
+  classic linear low-level decoder (as in Takagi & Nishimoto's z-path and Ozcelik's VDVAE path).
+- `caption_only`, `latent_only` come from stage 3 as image folders.
 
 Everything works on plain arrays (tested alone); `load_split_arrays` and `main` wire it to a
 Contract-1 shard dataset: `python -m mindsemantix.eval.baselines --data SHARDS --out DIR` writes
@@ -211,6 +214,40 @@ def caption_baselines(train: Mapping[str, SplitArrays], test: Mapping[str, Split
     return baselines, info
 
 
+def ridge_latent_images(train: Mapping[str, SplitArrays], test: Mapping[str, SplitArrays], diffusion: str,
+                        alphas: Sequence[float] = DEFAULT_ALPHAS, batch_size: int = 64
+                        ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """{test key: (H, W, 3) uint8 image decoded from a ridge-predicted VAE latent}, fit info per subject.
+
+    `train` and `test` need images. The VAE is the diffusion model's own (a hub id or diffusers folder).
+    """
+    import torch
+
+    from mindsemantix.models.diffusion import Reconstructor, load_stable_diffusion
+
+    rec = Reconstructor(load_stable_diffusion(diffusion))
+
+    def encode(images: Sequence[np.ndarray]) -> np.ndarray:  # N x (H, W, 3) -> (N, C*h*w)
+        out = []
+        for i in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.stack(images[i:i + batch_size])).permute(0, 3, 1, 2)
+            out.append(rec.encode_images(batch).flatten(1).float().numpy())
+        return np.concatenate(out)
+
+    images: dict[str, np.ndarray] = {}
+    info: dict[str, Any] = {}
+    for subject, arr in test.items():
+        if subject not in train or train[subject].images is None:
+            raise ValueError(f"subject {subject!r}: ridge_latent needs its training images")
+        fit = fit_ridge(train[subject].x, encode(train[subject].images), alphas)
+        predicted = torch.from_numpy(fit.predict(arr.x)).float().view(len(arr.x), *rec.latent_shape)
+        for i in range(0, len(arr.keys), batch_size):
+            decoded = rec.decode_latents(predicted[i:i + batch_size]).permute(0, 2, 3, 1).numpy()
+            images.update(zip(arr.keys[i:i + batch_size], decoded))
+        info[subject] = {"n_train": len(train[subject].keys), "alpha_relative": fit.alpha}
+    return images, info
+
+
 def write_jsonl(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -234,13 +271,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--split", default="test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sentence-encoder", default="offline:all-minilm-l6-v2")
+    p.add_argument("--diffusion", help="Stable Diffusion (hub id or diffusers folder) whose VAE decodes the "
+                                       "ridge_latent image baseline (written to ridge_latent_images/)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from mindsemantix.models.pretrained import load_sentence_encoder
 
     out = Path(args.out)
     try:
-        train = load_split_arrays(args.data, "train")
+        train = load_split_arrays(args.data, "train", images=bool(args.diffusion))
         test = load_split_arrays(args.data, args.split, images=True)
     except ValueError as e:  # ShardError is a ValueError
         print(f"baselines: error: {e}", file=sys.stderr)
@@ -254,7 +293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     seen = {k: im for arr in test.values() for k, im in zip(arr.keys, arr.images)}
     write_image_folder(out / "seen", seen)
     write_image_folder(out / "chance_images", {k: seen[src] for k, src in derangement(keys, args.seed).items()})
-    write_json_atomic(out / "baselines_info.json", {"seed": args.seed, "data": str(args.data), "ridge": info})
+    meta = {"seed": args.seed, "data": str(args.data), "ridge": info}
+    if args.diffusion:
+        ridge_images, meta["ridge_latent"] = ridge_latent_images(train, test, args.diffusion)
+        write_image_folder(out / "ridge_latent_images", ridge_images)
+        meta["diffusion"] = str(args.diffusion)
+    write_json_atomic(out / "baselines_info.json", meta)
     print(f"wrote baselines for {len(keys)} test images to {out}")
     return 0
 

@@ -430,8 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in ("chance", "ridge_retrieval"):
             if (b / f"{name}.jsonl").is_file():
                 caption_baselines.setdefault(name, b / f"{name}.jsonl")
-        if (b / "chance_images").is_dir():
-            image_sets.setdefault("chance", b / "chance_images")
+        for name in ("chance", "ridge_latent"):
+            if (b / f"{name}_images").is_dir():
+                image_sets.setdefault(name, b / f"{name}_images")
     if references is None:
         p.error("--references or --baselines-dir is required")
     weights = {"alexnet": args.alexnet, "inception": args.inception, "effnet_b1": args.effnet_b1,

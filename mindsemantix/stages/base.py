@@ -73,6 +73,10 @@ class StageModule(L.LightningModule):
         no_decay = [p for p in params if p.ndim < 2]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
+        return self.with_schedule(optimizer)
+
+    def with_schedule(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Lightning's optimizer dict: `optimizer` under warm-up + cosine, stepped every batch."""
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(self.warmup_steps, total // 2)
 

@@ -1,0 +1,235 @@
+"""`make demo`: the whole job on a simulated study — simulate, convert, pretrain, align, reconstruct,
+evaluate, report — each step exactly the command a user would type (see the README), run here
+one after another.
+
+    python -m mindsemantix.demo [--scale default|tiny] [--seed 0] [--subjects 4] [--run NAME]
+    python -m mindsemantix.demo --eval-only --run NAME        # `make eval`: baselines + report only
+
+Every step has an output that marks it finished (a manifest, an export, a JSON file, all written
+atomically), so re-running skips finished steps and a training step that was cut short resumes from
+its last checkpoint (`--ckpt_path last`). Timings go to `reports/<run>/demo_timings.json`.
+
+Paths: the simulated data under `data/<study>/` (`data/toyworld` for the default study; other seeds,
+subject counts and the tiny scale get their own folder), runs under `runs/<run>/<stage>/`, the
+report under `reports/<run>/`. `--scale tiny` adds the `stages/tiny/*.yaml` overlays (a few steps
+of small models): the same path in a few minutes; the test suite runs it end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from mindsemantix.io import write_json_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The simulated study at each scale (data_recipes/toyworld.py flags). tiny: 2 subjects on a coarse
+# grid, 2 sessions, a small image-less corpus.
+STUDY_FLAGS = {
+    "default": [],
+    "tiny": ["--sessions", "2", "--shared-images", "40", "--voxel-size", "7", "--corpus-runs", "1",
+             "--corpus-frames", "200"],
+}
+DEFAULT_SUBJECTS = {"default": 4, "tiny": 2}
+TOY_SD_SCALE = {"default": "demo", "tiny": "tiny"}
+
+
+@dataclass
+class Step:
+    name: str
+    command: list[str]
+    done: Path                      # exists once the step has finished
+    resume_from: Path | None = None  # a run folder whose checkpoints/last.ckpt lets the step resume
+
+
+def study_name(scale: str, seed: int, subjects: int) -> str:
+    if (scale, seed, subjects) == ("default", 0, DEFAULT_SUBJECTS["default"]):
+        return "toyworld"
+    return f"toyworld-{scale}-seed{seed}-subj{subjects}"
+
+
+def run_name(scale: str, seed: int, subjects: int) -> str:
+    if (seed, subjects) == (0, DEFAULT_SUBJECTS[scale]):
+        return "demo" if scale == "default" else "tiny"
+    return f"demo-{scale}-seed{seed}-subj{subjects}"
+
+
+def plan(scale: str, seed: int, subjects: int, run: str, root: Path = REPO) -> list[Step]:
+    """The demo's steps; data, runs and reports go under `root`, configs come from this checkout."""
+    py = [sys.executable]
+    data = root / "data" / study_name(scale, seed, subjects)
+    runs = root / "runs" / run
+    nsd, corpus, shards, toy_sd = data / "nsd", data / "corpus", data / "shards", data / "toy_sd"
+
+    def fit(stage: str, *overrides: str) -> list[str]:
+        configs = ["--config", str(REPO / "stages" / f"{stage}.yaml")]
+        if scale != "default":
+            configs += ["--config", str(REPO / "stages" / scale / f"{stage}.yaml")]
+        return [*py, "-m", "mindsemantix.cli", "fit", *configs, "--seed_everything", str(seed),
+                "--trainer.default_root_dir", str(runs / stage), *overrides]
+
+    def predict(stage: str, *overrides: str) -> list[str]:
+        return ["predict" if a == "fit" else a for a in fit(stage, *overrides)]
+
+    shards_only = ["--data.datasets", str(shards)]
+    return [
+        Step("simulate study", [*py, str(REPO / "data_recipes" / "toyworld.py"), "--out", str(nsd), "--seed", str(seed),
+                                "--subjects", str(subjects), *STUDY_FLAGS[scale]],
+             nsd / "toyworld_truth" / "truth.json"),
+        Step("convert corpus", [*py, str(REPO / "data_recipes" / "fmri_corpus.py"), "--root", str(nsd / "corpus_bids"),
+                                "--dataset", "toycorpus", "--out", str(corpus), "--roi", "background", "--window", "4"],
+             corpus / "manifest.json"),
+        Step("convert study", [*py, str(REPO / "data_recipes" / "nsd.py"), "--nsd-root", str(nsd), "--out", str(shards)],
+             shards / "manifest.json"),
+        Step("train toy SD", [*py, str(REPO / "data_recipes" / "toy_diffusion.py"), "--nsd-root", str(nsd),
+                              "--out", str(toy_sd), "--scale", TOY_SD_SCALE[scale]],
+             toy_sd / "toy_sd.json"),
+        Step("stage 1: pretrain", fit("pretrain", "--data.datasets", json.dumps([str(shards), str(corpus)])),
+             runs / "pretrain" / "export" / "config.json", runs / "pretrain"),
+        Step("stage 2: align (representation)",
+             fit("align_representation", *shards_only,
+                 "--model.init_args.brain_encoder", str(runs / "pretrain" / "export")),
+             runs / "align_representation" / "export" / "config.json", runs / "align_representation"),
+        Step("stage 2: align (generative)",
+             fit("align", *shards_only, "--model.init_args.init_from", str(runs / "align_representation" / "export")),
+             runs / "align" / "export" / "config.json", runs / "align"),
+        Step("stage 2: captions", predict("align", *shards_only, "--model.init_args.init_from", str(runs / "align" / "export")),
+             runs / "align" / "captions.jsonl"),
+        Step("stage 3: reconstruct (fit)",
+             fit("reconstruct", *shards_only, "--model.init_args.align_export", str(runs / "align" / "export"),
+                 "--model.init_args.diffusion", str(toy_sd), "--model.init_args.captions", str(runs / "align" / "captions.jsonl")),
+             runs / "reconstruct" / "export" / "config.json", runs / "reconstruct"),
+        Step("stage 3: reconstruct (predict)",
+             predict("reconstruct", *shards_only, "--model.init_args.init_from", str(runs / "reconstruct" / "export"),
+                     "--model.init_args.align_export", str(runs / "align" / "export"),
+                     "--model.init_args.diffusion", str(toy_sd), "--model.init_args.captions", str(runs / "align" / "captions.jsonl")),
+             runs / "reconstruct" / "predict" / "reconstructions.json"),
+        *eval_steps(run, shards, toy_sd, root),
+    ]
+
+
+def eval_steps(run: str, shards: Path, toy_sd: Path | None, root: Path = REPO) -> list[Step]:
+    """Baselines + report of a run (`make eval`)."""
+    py = [sys.executable]
+    runs, report = root / "runs" / run, root / "reports" / run
+    baselines = runs / "baselines"
+    predict = runs / "reconstruct" / "predict"
+    images = [f"--images={name}={predict / folder}" for name, folder in
+              (("model", "full"), ("caption_only", "caption_only"), ("latent_only", "latent_only"))]
+    curves = [str(runs / s / "metrics.csv") for s in ("pretrain", "align_representation", "align", "reconstruct")]
+    return [
+        Step("baselines", [*py, "-m", "mindsemantix.eval.baselines", "--data", str(shards), "--out", str(baselines),
+                           *(["--diffusion", str(toy_sd)] if toy_sd else [])],
+             baselines / "baselines_info.json"),
+        Step("evaluate + report", [*py, "-m", "mindsemantix.eval.report", "--out", str(report), "--run", run,
+                                   "--baselines-dir", str(baselines), "--predictions", str(runs / "align" / "captions.jsonl"),
+                                   *images, "--metrics-csv", *curves],
+             report / "eval.json"),
+    ]
+
+
+def _show(path: Path) -> str:
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def run_steps(steps: Sequence[Step], timings_path: Path, force: bool = False) -> dict[str, float]:
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() and not force else {}
+    total_start = time.perf_counter()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for i, step in enumerate(steps, 1):
+        header = f"[demo {i}/{len(steps)}] {step.name}"
+        if step.done.exists() and not force:
+            print(f"{header}: done ({_show(step.done)})", flush=True)
+            continue
+        command = list(step.command)
+        if step.resume_from is not None and (step.resume_from / "checkpoints" / "last.ckpt").is_file():
+            command += ["--ckpt_path", "last"]
+            header += " (resuming from its last checkpoint)"
+        print(f"\n{header}\n  $ {shlex.join(command)}", flush=True)
+        start = time.perf_counter()
+        result = subprocess.run(command, cwd=REPO, env=env)
+        seconds = time.perf_counter() - start
+        if result.returncode != 0:
+            raise SystemExit(f"demo: step '{step.name}' failed (exit {result.returncode}) after {seconds:.0f} s; "
+                             "fix the cause and re-run: finished steps are kept")
+        if not step.done.exists():
+            raise SystemExit(f"demo: step '{step.name}' exited 0 but did not write {step.done}")
+        timings[step.name] = round(seconds, 1)
+        write_json_atomic(timings_path, timings)
+        print(f"{header}: {seconds:.0f} s", flush=True)
+    print(f"\ndemo: steps run now took {time.perf_counter() - total_start:.0f} s", flush=True)
+    return timings
+
+
+def summarize(report: Path) -> str:
+    """Model vs every baseline on the headline metrics, from eval.json (honest: says where it loses)."""
+    evaluation = json.loads((report / "eval.json").read_text())
+    lines = []
+    model, baselines = evaluation.get("metrics", {}), evaluation.get("baselines", {})
+    for metric in ("BLEU-4", "METEOR", "CIDEr", "SentenceSim", "PixCorr", "SSIM", "TwoWay-EfficientNetLite0"):
+        if metric not in model:
+            continue
+        others = {n: m[metric] for n, m in baselines.items() if metric in m}
+        if not others:
+            continue
+        best = max(others, key=others.get)
+        verdict = "beats" if model[metric] > others[best] else "does NOT beat"
+        lines.append(f"  {metric:20s} model {model[metric]:.4f} {verdict} the best baseline ({best} {others[best]:.4f})")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mindsemantix.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--scale", choices=sorted(STUDY_FLAGS), default=os.environ.get("SCALE") or "default")
+    p.add_argument("--seed", type=int, default=int(os.environ.get("SEED") or 0), help="the simulated study's seed")
+    p.add_argument("--subjects", type=int, default=None, help="number of simulated subjects")
+    p.add_argument("--run", default=None, help="run name (runs/<run>, reports/<run>); default from scale/seed/subjects")
+    p.add_argument("--root", type=Path, default=Path(os.environ.get("DEMO_ROOT") or REPO),
+                   help="folder that holds data/, runs/ and reports/ (default: this checkout)")
+    p.add_argument("--eval-only", action="store_true", help="only the baselines and the report of an existing run "
+                                                            "(default: the most recent one)")
+    p.add_argument("--force", action="store_true", help="re-run every step")
+    args = p.parse_args(argv)
+    subjects = args.subjects or int(os.environ.get("SUBJECTS") or DEFAULT_SUBJECTS[args.scale])
+    root = args.root.resolve()
+    if args.eval_only and not args.run:  # the most recently finished stage-2 predict
+        finished = sorted(root.glob("runs/*/align/captions.jsonl"), key=lambda f: f.stat().st_mtime)
+        if not finished:
+            raise SystemExit(f"eval: no run with captions under {root / 'runs'}; run `make demo` first")
+        args.run = finished[-1].parents[1].name
+    run = args.run or run_name(args.scale, args.seed, subjects)
+    settings_path = root / "runs" / run / "demo.json"
+    if args.eval_only:  # the run's own study, as recorded when the demo made it
+        if not (root / "runs" / run / "align" / "captions.jsonl").is_file():
+            raise SystemExit(f"eval: runs/{run}/align/captions.jsonl is missing; run `make demo` (or stage 2's "
+                             "predict) first, or choose another run with RUN=...")
+        if settings_path.is_file():
+            recorded = json.loads(settings_path.read_text())
+            args.scale, args.seed, subjects = recorded["scale"], recorded["seed"], recorded["subjects"]
+    data = root / "data" / study_name(args.scale, args.seed, subjects)
+    steps = plan(args.scale, args.seed, subjects, run, root)
+    if args.eval_only:
+        steps = [s for s in steps if s.name in ("baselines", "evaluate + report")]
+        steps[-1].done.unlink(missing_ok=True)  # the report is always rewritten; baselines are kept
+    else:
+        write_json_atomic(settings_path, {"scale": args.scale, "seed": args.seed, "subjects": subjects,
+                                          "data": str(data)})
+    report = root / "reports" / run
+    print(f"demo: run '{run}', scale {args.scale}, seed {args.seed}, {subjects} subjects; data in "
+          f"{_show(data)}, runs in {_show(root / 'runs' / run)}, report in {_show(report)}", flush=True)
+    run_steps(steps, report / "demo_timings.json", force=args.force)
+    print(f"\ndemo: report in {_show(report)}/eval.md\n{summarize(report)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

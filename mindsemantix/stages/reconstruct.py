@@ -1,0 +1,399 @@
+"""Stage 3: brain -> VAE latent of the seen image, and Stable Diffusion reconstruction.
+
+    fmri (B, V_s) --stage-2 export (frozen)--> brain representation (B, T, D)
+                  --LatentHead (trained)-----> scaled VAE latent (B, C, h, w)    [+ image embedding (B, E)]
+    predict: decoded caption (stage-2 JSONL) + predicted latent --frozen SD--> three images per key
+
+The trained part is only the head: MSE to the frozen VAE's latent of the seen image (the low-level
+path, layout and colour), optionally plus an image-embedding target (pooled features of a frozen
+vision encoder; used at predict time to pick the best of `n_candidates` img2img samples, as MindEye
+picks its best of several). Stable Diffusion (the VAE, UNet, text encoder) and the stage-2 model are
+frozen and never enter a checkpoint or the export (Contract 3): they are reloaded from their
+sources, which the export names.
+
+`predict` writes, under `predict_dir`:
+    seen/<key>.png, caption_only/<key>.png, latent_only/<key>.png, full/<key>.png
+    grid.png          seen | caption only | latent only | full, with reference and decoded captions
+    reconstructions.json   per key: captions used; settings; seconds per image per variant
+    scores.json       PixCorr / SSIM / 2-way identification per variant against seen/ (`score: true`)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from mindsemantix.export import load_export, save_export
+from mindsemantix.io import write_json_atomic
+from mindsemantix.models.diffusion import (VARIANTS, Reconstructor, SamplingConfig, load_stable_diffusion, pipeline_modules, save_png,
+                                           save_reconstruction_grid)
+from mindsemantix.stages.base import StageModule
+
+log = logging.getLogger(__name__)
+
+EXPORT_KIND = "brain_reconstruct"
+REFERENCE_CAPTIONS = "reference"  # `captions: reference` prompts with a reference caption (an oracle)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trained part
+
+
+class LatentHead(nn.Module):
+    """Brain representation (B, T, D) -> scaled VAE latent (B, C, h, w), optionally an embedding (B, E).
+
+    Each token is normalised and reduced to `token_dim`, the tokens are concatenated (their order
+    carries meaning: query i is always query i), then a linear map plus a residual MLP give the
+    latent. The linear path is a ridge-like baseline that trains fast on few samples; the MLP adds
+    what is nonlinear.
+    """
+
+    def __init__(self, n_tokens: int, width: int, latent_shape: Sequence[int], token_dim: int = 64,
+                 hidden: int = 1024, dropout: float = 0.3, embed_dim: int | None = None):
+        super().__init__()
+        self.n_tokens, self.width, self.latent_shape = n_tokens, width, tuple(latent_shape)
+        self.config = {"n_tokens": n_tokens, "width": width, "latent_shape": list(latent_shape),
+                       "token_dim": token_dim, "hidden": hidden, "dropout": dropout, "embed_dim": embed_dim}
+        flat, out = n_tokens * token_dim, int(torch.tensor(latent_shape).prod())
+        self.norm = nn.LayerNorm(width)
+        self.reduce = nn.Linear(width, token_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(flat, out)
+        self.mlp = nn.Sequential(nn.Linear(flat, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out))
+        self.embed = nn.Sequential(nn.Linear(flat, hidden), nn.GELU(), nn.Linear(hidden, embed_dim)) if embed_dim else None
+
+    def forward(self, brain: Tensor) -> dict[str, Tensor]:
+        """brain (B, T, D) -> {"latent": (B, C, h, w), "embedding": (B, E) when configured}."""
+        if brain.shape[1:] != (self.n_tokens, self.width):
+            raise ValueError(f"LatentHead expects (B, {self.n_tokens}, {self.width}), got {tuple(brain.shape)}")
+        x = self.dropout(self.reduce(self.norm(brain)).flatten(1))  # (B, T * token_dim)
+        out = {"latent": (self.linear(x) + self.mlp(x)).view(-1, *self.latent_shape)}
+        if self.embed is not None:
+            out["embedding"] = self.embed(x)
+        return out
+
+
+class BrainRepresentation(nn.Module):
+    """The frozen stage-2 model's view of the brain: `BrainAlign.query_outputs`, the Q-Former's query
+    outputs (B, Q, H) — exactly what the LLM reads. (The brain encoder's own tokens differ in number
+    between subjects, so a head on them would have to be per subject; the queries are shared.)"""
+
+    def __init__(self, align: nn.Module):
+        super().__init__()
+        self.align = align
+
+    @classmethod
+    def from_export(cls, folder: str | Path) -> "BrainRepresentation":
+        from mindsemantix.stages.align import BrainAlign
+
+        align = BrainAlign.from_export(folder, load_llm=False)
+        return cls(align).eval().requires_grad_(False)
+
+    @property
+    def subjects(self) -> list[str]:
+        return list(self.align.brain_encoder.subjects)
+
+    def shape(self) -> tuple[int, int]:
+        """(Q, H) of the representation."""
+        config = self.align.qformer.config
+        return config.num_queries, config.hidden_size
+
+    @torch.no_grad()
+    def forward(self, fmri: Tensor, subject: str) -> Tensor:
+        """(B, V) -> (B, Q, H)."""
+        return self.align.query_outputs(fmri, subject)
+
+
+# ---------------------------------------------------------------------------------------------
+# The LightningModule
+
+
+class BrainReconstruct(StageModule):
+    """Stage-3 LightningModule. Arguments (all settable from the YAML config):
+
+    align_export: the stage-2 export folder (kind "brain_align"); frozen.
+    diffusion: Stable Diffusion, hub id (`stable-diffusion-v1-5/stable-diffusion-v1-5`) or a local
+        diffusers folder (`data/toy_sd`, from data_recipes/toy_diffusion.py); frozen.
+    diffusion_dtype: "float32" | "float16" | "bfloat16" for the SD weights (fp16 on GPUs).
+    resolution: image size the latents are taken at (default: the UNet's native size).
+    head: LatentHead fields (token_dim, hidden, dropout).
+    image_embedding: frozen vision encoder (`offline:efficientnet-lite0`, a CLIP folder) whose
+        pooled features of the seen image the head also predicts (None: no embedding target);
+        embedding_weight: that loss's weight (cosine distance).
+    n_candidates: img2img samples per key; with an embedding head the one whose features are
+        closest to the predicted embedding is kept (1: plain seeded img2img).
+    captions: stage-2 captions JSONL ({"key", "caption"} per line) used as prompts at predict;
+        "reference" uses the first reference caption (an oracle, for checking stage 3 alone).
+    sampling: SamplingConfig fields (num_inference_steps, guidance_scale, strength, negative_prompt, seed).
+    scheduler: "ddim" (deterministic given the noise), "pndm", "euler", "dpm".
+    predict_dir, variants, grid_rows, score: what predict writes (see the module docstring).
+    init_from: a brain_reconstruct export whose head to load (predict from an export).
+    lr, weight_decay, warmup_steps, min_lr_ratio, export_dir, nonfinite_loss: StageModule's.
+    """
+
+    frozen_prefixes = ("brain.", "sd.", "vision.")
+
+    def __init__(self, align_export: str, diffusion: str = "data/toy_sd", diffusion_dtype: str = "float32", resolution: int | None = None, head: dict[str, Any] | None = None,
+                 image_embedding: str | None = None, embedding_weight: float = 0.0, n_candidates: int = 1,
+                 captions: str | None = None, sampling: dict[str, Any] | None = None, scheduler: str = "ddim",
+                 predict_dir: str | None = None, variants: list[str] | None = None,
+                 grid_rows: int = 8, score: bool = True, init_from: str | None = None, lr: float = 1e-3,
+                 weight_decay: float = 0.05, warmup_steps: int = 50, **kwargs: Any):
+        super().__init__(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, **kwargs)
+        self.save_hyperparameters()
+        init_config, init_tensors = load_export(init_from, EXPORT_KIND) if init_from else ({}, {})
+        if init_from:  # the export fixes what the head was trained on
+            align_export = init_config.get("align_export", align_export)
+            resolution = init_config["resolution"]
+            image_embedding = init_config.get("image_embedding")
+
+        self.align_export, self.diffusion_source = str(align_export), str(diffusion)
+        self.brain = BrainRepresentation.from_export(align_export)
+
+        pipe = load_stable_diffusion(diffusion, dtype=getattr(torch, diffusion_dtype), scheduler=scheduler)
+        self.reconstructor = Reconstructor(pipe, SamplingConfig(**(sampling or {})))
+        self.sd = nn.ModuleDict(pipeline_modules(pipe))  # registered so .to(device) moves them; frozen
+        self.resolution = resolution or self.reconstructor.resolution
+        if self.resolution != self.reconstructor.resolution:
+            log.warning("resolution %d differs from the UNet's native %d", self.resolution, self.reconstructor.resolution)
+        self.latent_shape = self.reconstructor.latent_shape
+
+        self.vision = None
+        if image_embedding:
+            from mindsemantix.models.pretrained import load_vision_encoder
+
+            self.vision = load_vision_encoder(image_embedding).requires_grad_(False).eval()
+        self.image_embedding, self.embedding_weight, self.n_candidates = image_embedding, embedding_weight, n_candidates
+
+        T, D = self.brain.shape()
+        head_cfg = {k: v for k, v in (init_config.get("head") or head or {}).items()
+                    if k not in ("n_tokens", "width", "latent_shape", "embed_dim")}
+        self.head = LatentHead(T, D, self.latent_shape, embed_dim=self.vision.dim if self.vision else None, **head_cfg)
+        if init_from:
+            self.head.load_state_dict({k[len("head."):]: v for k, v in init_tensors.items() if k.startswith("head.")})
+
+        self.captions_source = captions
+        self._predict_dir, self.grid_rows, self.score = predict_dir, grid_rows, score
+        self.variants = list(variants or VARIANTS)
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"variants: unknown {unknown}; known: {list(VARIANTS)}")
+        self._targets: dict[int, tuple[Tensor, Tensor | None]] = {}  # image id -> (latent, embedding), CPU
+        self._captions: dict[str, str] | None = None
+        self._grid: list[dict[str, Any]] = []
+        self._timing: dict[str, float] = {v: 0.0 for v in self.variants}
+        self._n_predicted = 0
+        self._records: list[dict[str, Any]] = []
+
+    # -- frozen parts stay in eval mode --------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "BrainReconstruct":
+        super().train(mode)
+        for frozen in (self.brain, self.sd, self.vision):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    # -- forward pieces ------------------------------------------------------------------------------
+
+    def forward(self, fmri: Tensor, subject: str) -> dict[str, Tensor]:
+        """(B, V) -> {"latent": (B, C, h, w), "embedding": (B, E) if configured}."""
+        return self.head(self.brain(fmri, subject).float())
+
+    @torch.no_grad()
+    def targets(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        """Scaled VAE latents (B, C, h, w) of the seen images (+ their pooled vision features),
+        computed once per image id and kept on the CPU."""
+        if "image" not in batch:
+            raise KeyError("stage 3 needs the seen images: add `image` to data.init_args.fields")
+        ids = batch["image_id"].tolist()
+        todo = [i for i, image_id in enumerate(ids) if image_id not in self._targets]
+        if todo:
+            # one image at a time: a batched convolution's last bits depend on the batch it runs in, and
+            # a resumed run meets an image in a different batch than the uninterrupted run did
+            images = batch["image"][todo]
+            latents = torch.cat([self.reconstructor.encode_images(im[None]) for im in images]).float().cpu()
+            embeds = (torch.cat([self.vision(im[None]).pooled for im in images]).float().cpu()
+                      if self.vision is not None else [None] * len(todo))
+            for i, lat, emb in zip(todo, latents, embeds):
+                self._targets[ids[i]] = (lat, emb)
+        latents = torch.stack([self._targets[i][0] for i in ids]).to(self.device)
+        embeds = torch.stack([self._targets[i][1] for i in ids]).to(self.device) if self.vision is not None else None
+        return latents, embeds
+
+    def compute_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        pred = self(batch["fmri"], batch["subject"])
+        latent, embed = self.targets(batch)
+        losses = {"latent_mse": nn.functional.mse_loss(pred["latent"], latent)}
+        if self.vision is not None and self.embedding_weight > 0:
+            losses["embedding_cos"] = 1 - nn.functional.cosine_similarity(pred["embedding"], embed, dim=-1).mean()
+        losses["loss"] = losses["latent_mse"] + self.embedding_weight * losses.get("embedding_cos", 0.0)
+        return losses
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        losses = self.compute_losses(batch)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(batch["key"]), prog_bar=True)
+        return self.guard_loss(losses["loss"], batch)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        losses = self.compute_losses(batch)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=len(batch["key"]), sync_dist=True,
+                      prog_bar=True)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        losses = self.compute_losses(batch)
+        self.log_dict({f"test/{k}": v for k, v in losses.items()}, batch_size=len(batch["key"]), sync_dist=True)
+
+    # -- predict: reconstructions --------------------------------------------------------------------
+
+    def load_captions(self) -> dict[str, str] | None:
+        if self.captions_source in (None, REFERENCE_CAPTIONS):
+            return None
+        path = Path(self.captions_source)
+        if not path.is_file():
+            raise FileNotFoundError(f"captions: {path} does not exist (stage 2's predict writes it)")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return {r["key"]: r["caption"] for r in rows}
+
+    def prompts(self, batch: dict[str, Any]) -> list[str] | None:
+        keys = batch["key"]
+        if self.captions_source is None:
+            return None
+        if self.captions_source == REFERENCE_CAPTIONS:
+            if "captions" not in batch:
+                raise KeyError("captions: reference needs `captions` in data.init_args.fields")
+            return [caps[0] for caps in batch["captions"]]
+        if self._captions is None:
+            self._captions = self.load_captions()
+        missing = [k for k in keys if k not in self._captions]
+        if missing:
+            raise KeyError(f"{self.captions_source} has no caption for {missing[:5]} ({len(missing)} keys); run "
+                           "stage 2's predict on the same split")
+        return [self._captions[k] for k in keys]
+
+    @property
+    def predict_dir(self) -> Path:
+        """`predict_dir`, default `<trainer.default_root_dir>/predict`."""
+        if self._predict_dir:
+            return Path(self._predict_dir)
+        return Path(self.trainer.default_root_dir) / "predict"
+
+    def on_predict_epoch_start(self) -> None:
+        self._grid, self._records, self._n_predicted = [], [], 0
+        self._timing = {v: 0.0 for v in self.variants}
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        keys, prompts = list(batch["key"]), self.prompts(batch)
+        pred = self(batch["fmri"], batch["subject"])
+        latents = pred["latent"]
+        variants = [v for v in self.variants if prompts is not None or v == "latent_only"]
+        images: dict[str, Tensor] = {}
+        for v in variants:
+            start = time.perf_counter()
+            if v == "full" and self.n_candidates > 1:
+                images[v] = self.best_of_candidates(keys, prompts, latents, pred.get("embedding"))
+            else:
+                images.update(self.reconstructor.reconstruct(keys, prompts, latents, [v]))
+            self._timing[v] += time.perf_counter() - start
+        seen = batch.get("image")
+        for i, key in enumerate(keys):
+            if seen is not None:
+                save_png(self.predict_dir / "seen" / f"{key}.png", seen[i])
+            for v, imgs in images.items():
+                save_png(self.predict_dir / v / f"{key}.png", imgs[i])
+        self._n_predicted += len(keys)
+        rows = []
+        for i, key in enumerate(keys):
+            row = {"key": key, "decoded": prompts[i] if prompts else None,
+                   "reference": batch["captions"][i][0] if "captions" in batch else None}
+            rows.append(row)
+            if len(self._grid) < self.grid_rows:
+                self._grid.append({**row, "seen": None if seen is None else seen[i].cpu(),
+                                   **{v: imgs[i] for v, imgs in images.items()}})
+        self._records.extend(rows)
+        return rows
+
+    def best_of_candidates(self, keys: list[str], prompts: list[str], latents: Tensor,
+                           embedding: Tensor | None) -> Tensor:
+        """img2img with `n_candidates` seeds per key; keep the candidate whose vision features are
+        closest (cosine) to the predicted embedding (the first candidate when there is none)."""
+        candidates = []
+        for j in range(self.n_candidates):
+            rec = self.reconstructor
+            seeds = [f"{k}#{j}" if j else k for k in keys]  # candidate 0 is the plain seeded one
+            candidates.append(rec.full(prompts, latents, seeds))
+        stacked = torch.stack(candidates, 1)  # (B, n, 3, R, R) uint8
+        if embedding is None or self.vision is None:
+            return stacked[:, 0]
+        feats = self.vision(stacked.flatten(0, 1).to(self.device)).pooled.float().view(len(keys), self.n_candidates, -1)
+        sim = nn.functional.cosine_similarity(feats, embedding.float()[:, None], dim=-1)  # (B, n)
+        return stacked[torch.arange(len(keys)), sim.argmax(1).cpu()]
+
+    def on_predict_epoch_end(self) -> None:
+        timing = {v: s / max(1, self._n_predicted) for v, s in self._timing.items()}
+        records, grid = self._records, self._grid
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in (part or [])]
+        if not self.trainer.is_global_zero:
+            return
+        records = sorted(records, key=lambda r: r["key"])
+        s = self.reconstructor.sampling
+        write_json_atomic(self.predict_dir / "reconstructions.json", {
+            "diffusion": self.diffusion_source, "align_export": self.align_export,
+            "captions": self.captions_source, "resolution": self.resolution,
+            "sampling": vars(s), "scheduler": type(self.reconstructor.text2img.scheduler).__name__,
+            "n_candidates": self.n_candidates, "seconds_per_image": timing,
+            "device": str(self.device), "records": records})
+        if grid:
+            save_reconstruction_grid(self.predict_dir / "grid.png", grid,
+                                     title=f"img2img strength {s.strength}, {s.num_inference_steps} steps, "
+                                           f"guidance {s.guidance_scale}")
+        if self.score and (self.predict_dir / "seen").is_dir():
+            write_json_atomic(self.predict_dir / "scores.json", score_reconstructions(self.predict_dir, self.variants))
+        log.info("reconstructions of %d keys written to %s", len(records), self.predict_dir)
+
+    # -- export (Contract 3) ---------------------------------------------------------------------------
+
+    def export(self, folder: str | Path) -> Path:
+        config = {"align_export": self.align_export,
+                  "diffusion": self.diffusion_source, "resolution": self.resolution,
+                  "latent_shape": list(self.latent_shape), "head": self.head.config,
+                  "image_embedding": self.image_embedding,
+                  "sampling": vars(self.reconstructor.sampling)}
+        tensors = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        return save_export(folder, EXPORT_KIND, config, tensors)
+
+    @classmethod
+    def from_export(cls, folder: str | Path, **overrides: Any) -> "BrainReconstruct":
+        """A ready model (eval mode) from a brain_reconstruct export; the frozen parts come from the
+        sources it names (override `diffusion` / `align_export` if they moved)."""
+        config, _ = load_export(folder, EXPORT_KIND)
+        kwargs = {"align_export": config["align_export"], "diffusion": config["diffusion"],
+                  "sampling": config.get("sampling"), "init_from": str(folder)}
+        return cls(**{**kwargs, **overrides}).eval()
+
+
+def score_reconstructions(folder: str | Path, variants: Sequence[str] = VARIANTS, feature_nets=None) -> dict[str, Any]:
+    """PixCorr / SSIM / 2-way identification of each variant's PNGs against `folder/seen`."""
+    from mindsemantix.eval.images import score_image_folders
+
+    from mindsemantix.eval.images import build_feature_nets
+
+    folder = Path(folder)
+    if feature_nets is None:  # built once: the seen images' features are then computed once
+        feature_nets, _ = build_feature_nets({})
+    return {v: score_image_folders(folder / v, folder / "seen", feature_nets=feature_nets)
+            for v in variants if (folder / v).is_dir()}
+
+
+__all__ = ["BrainReconstruct", "BrainRepresentation", "LatentHead", "EXPORT_KIND", "score_reconstructions"]

@@ -1,0 +1,86 @@
+"""End to end: `make demo SCALE=tiny` — simulate, convert, train the three stages, predict, evaluate,
+report — in a temporary root, then a re-run that reuses every finished step, then `make eval`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = ["simulate study", "convert corpus", "convert study", "train toy SD", "stage 1: pretrain",
+         "stage 2: align (representation)", "stage 2: align (generative)", "stage 2: captions",
+         "stage 3: reconstruct (fit)", "stage 3: reconstruct (predict)", "baselines", "evaluate + report"]
+
+
+def make(target: str, root: Path, *variables: str) -> subprocess.CompletedProcess:
+    """`make <target> SCALE=tiny DEMO_ROOT=root` in this checkout, with the interpreter running the tests
+    (its venv is the one `make test` set up; elsewhere the same module is called directly)."""
+    venv = Path(sys.prefix)
+    if (venv / ".mindsemantix-installed").is_file():
+        command = ["make", "-s", target, f"VENV={venv}", "SCALE=tiny", f"DEMO_ROOT={root}", *variables]
+    else:
+        command = [sys.executable, "-m", "mindsemantix.demo", "--scale", "tiny", "--root", str(root),
+                   *(["--eval-only"] if target == "eval" else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    root = tmp_path_factory.mktemp("demo")
+    result = make("demo", root)
+    if result.returncode != 0:
+        pytest.fail(f"make demo SCALE=tiny failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return root, result
+
+
+def test_tiny_demo_runs_every_step_and_writes_the_report(tiny_demo):
+    root, result = tiny_demo
+    run, report = root / "runs" / "tiny", root / "reports" / "tiny"
+    timings = json.loads((report / "demo_timings.json").read_text())
+    assert list(timings) == STEPS and all(t > 0 for t in timings.values())
+
+    # stage hand-offs (Contract 3) and the stage-2 captions: one line per test sample
+    for stage in ("pretrain", "align_representation", "align", "reconstruct"):
+        config = json.loads((run / stage / "export" / "config.json").read_text())
+        assert config, stage
+        assert (run / stage / "metrics.csv").is_file(), f"{stage}: training curves missing"
+    test_keys = [json.loads(line)["key"] for line in (run / "baselines" / "references.jsonl").read_text().splitlines()]
+    captions = [json.loads(line) for line in (run / "align" / "captions.jsonl").read_text().splitlines()]
+    assert sorted(c["key"] for c in captions) == sorted(test_keys)
+    assert all(c["caption"].strip() for c in captions)
+    # one PNG per test key and variant
+    for variant in ("seen", "caption_only", "latent_only", "full"):
+        assert sorted(p.stem for p in (run / "reconstruct" / "predict" / variant).glob("*.png")) == sorted(test_keys)
+
+    evaluation = json.loads((report / "eval.json").read_text())
+    for metric in ("BLEU-4", "METEOR", "CIDEr", "SentenceSim", "PixCorr", "SSIM", "TwoWay-EfficientNetLite0"):
+        assert metric in evaluation["metrics"], metric
+    baselines = evaluation["baselines"]
+    assert {"chance", "ridge_retrieval", "caption_only", "latent_only", "ridge_latent"} <= set(baselines)
+    assert "BLEU-4" in baselines["ridge_retrieval"] and "PixCorr" in baselines["ridge_latent"]
+    assert evaluation["ceiling"]["CIDEr"] > 0
+    text = (report / "eval.md").read_text()
+    assert "ridge_retrieval" in text and "UMBRAE" in text  # side by side, with the published NSD anchors
+    pictures = [p.name for p in report.iterdir() if p.suffix == ".png"]
+    assert len(pictures) >= 3, pictures
+    assert "beat" in result.stdout  # the closing summary: model against the best baseline per metric
+
+
+def test_rerunning_reuses_finished_steps_and_eval_rewrites_the_report(tiny_demo):
+    root, _ = tiny_demo
+    again = make("demo", root)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count(": done (") == len(STEPS)
+
+    report = root / "reports" / "tiny" / "eval.json"
+    before = report.stat().st_mtime_ns
+    evaluated = make("eval", root)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert report.stat().st_mtime_ns > before
+    assert "run 'tiny'" in evaluated.stdout

@@ -1,0 +1,142 @@
+"""Stage 3 (BrainReconstruct) with tiny random SD parts and a tiny stage-2 export: training,
+checkpoints and exports without frozen weights, the export round trip, and predict's outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from mindsemantix.data.datamodule import BrainDataModule
+from mindsemantix.export import load_export
+from mindsemantix.models.brain_encoder import BrainEncoder, BrainEncoderConfig
+from mindsemantix.models.diffusion import SmallSDConfig, load_png, small_stable_diffusion
+from mindsemantix.models.qformer import save_tiny_wordpiece_tokenizer
+from mindsemantix.stages.align import BrainAlign
+from mindsemantix.stages.reconstruct import BrainReconstruct, LatentHead
+
+TINY_SD = SmallSDConfig(resolution=16, vae_channels=(8, 16), unet_channels=(16, 32), attention_head_dim=8,
+                        text_width=16, text_layers=1, text_heads=2, norm_groups=8)
+QFORMER = dict(num_queries=4, num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, embed_dim=16,
+               max_text_length=12)
+SAMPLING = {"num_inference_steps": 2, "strength": 0.5, "guidance_scale": 3.0}
+
+
+@pytest.fixture(scope="module")
+def stage3_inputs(tmp_path_factory):
+    """A tiny dataset (2 subjects, 16 px images), a stage-2 export over a tiny stage-1 encoder that
+    knows both subjects, a tiny random SD folder, and stage 2's captions for the test keys."""
+    from conftest import make_tiny_dataset
+
+    root = tmp_path_factory.mktemp("stage3")
+    data = make_tiny_dataset(root / "data", n_images={"train": 12, "val": 4, "test": 5}, image_size=16)
+    dm = BrainDataModule(str(data), batch_size=4, fields=["captions", "image"])
+    dm.setup()
+    torch.manual_seed(0)
+    encoder = BrainEncoder(BrainEncoderConfig.preset("tiny"), with_decoder=False)
+    for subject, info in dm.subject_info().items():
+        encoder.add_subject(subject, info.coords_mm)
+    encoder.save_pretrained(root / "stage1")
+    tokenizer = save_tiny_wordpiece_tokenizer(root / "wordpiece", words=["image", "caption"] + [str(i) for i in range(30)])
+    BrainAlign(brain_encoder=str(root / "stage1"), qformer={**QFORMER, "tokenizer": str(tokenizer)}).save_export(root / "align")
+    small_stable_diffusion(TINY_SD, seed=0).save_pretrained(root / "sd")
+    keys = sorted(r.key for r in dm.split_refs("test"))
+    (root / "captions.jsonl").write_text("".join(json.dumps({"key": k, "caption": f"decoded {k}"}) + "\n" for k in keys))
+    return {"root": root, "data": str(data), "align": str(root / "align"), "sd": str(root / "sd"),
+            "captions": str(root / "captions.jsonl"), "test_keys": keys}
+
+
+def datamodule(s) -> BrainDataModule:
+    return BrainDataModule(s["data"], batch_size=4, eval_batch_size=3, fields=["captions", "image"])
+
+
+def model(s, **kwargs) -> BrainReconstruct:
+    torch.manual_seed(0)
+    return BrainReconstruct(**{"align_export": s["align"], "diffusion": s["sd"], "captions": s["captions"],
+                               "sampling": SAMPLING, "head": {"hidden": 32, "token_dim": 8}, "warmup_steps": 1,
+                               "predict_dir": str(s["root"] / "predict"), "score": False, **kwargs})
+
+
+def trainer(root: Path, steps: int = 0, **kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", max_steps=steps, default_root_dir=str(root), logger=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     limit_val_batches=1, **kwargs)
+
+
+def test_latent_head_shapes():
+    head = LatentHead(n_tokens=4, width=32, latent_shape=(4, 8, 8), token_dim=8, hidden=16, embed_dim=12)
+    out = head(torch.randn(3, 4, 32))
+    assert out["latent"].shape == (3, 4, 8, 8) and out["embedding"].shape == (3, 12)
+    with pytest.raises(ValueError, match="expects"):
+        head(torch.randn(3, 5, 32))
+
+
+def test_fit_keeps_frozen_parts_out_of_checkpoints_and_export(stage3_inputs):
+    s = stage3_inputs
+    m = model(s, export_dir=str(s["root"] / "fit" / "export"))
+    trainable = {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {"head"}                                        # SD and the stage-2 model are frozen
+    assert m.latent_shape == (4, 8, 8)                                  # the tiny VAE's latent of a 16 px image
+    before = {k: v.clone() for k, v in m.head.state_dict().items()}
+    frozen_before = m.sd["unet"].conv_in.weight.clone()
+    t = trainer(s["root"] / "fit", 3, val_check_interval=2)
+    t.fit(m, datamodule=datamodule(s))
+    assert {"train/latent_mse", "val/latent_mse"} <= set(t.callback_metrics)
+    assert any(not torch.equal(before[k], v) for k, v in m.head.state_dict().items())  # the head trained
+    assert torch.equal(frozen_before, m.sd["unet"].conv_in.weight)     # SD did not
+    assert len(m._targets) > 0                                          # VAE latents cached per image id
+
+    state = torch.load(next((s["root"] / "fit").rglob("*.ckpt")), weights_only=True)["state_dict"]
+    assert state and all(k.startswith("head.") for k in state)          # no sd.*, brain.* in the checkpoint
+    config, tensors = load_export(s["root"] / "fit" / "export", "brain_reconstruct")
+    assert set(tensors) == {f"head.{k}" for k in m.head.state_dict()}
+    assert config["diffusion"] == s["sd"] and config["align_export"] == s["align"]
+    assert config["latent_shape"] == [4, 8, 8]
+
+    # resuming: a fresh model loads the checkpoint's state dict strictly (frozen keys may be absent)
+    fresh = model(s)
+    fresh.load_state_dict(state)
+    for k, v in fresh.head.state_dict().items():
+        assert torch.equal(state[f"head.{k}"], v)
+
+    # the export rebuilds the same model: same predicted latents for the same brains
+    rebuilt = BrainReconstruct.from_export(s["root"] / "fit" / "export", predict_dir=str(s["root"] / "p2"))
+    dm = datamodule(s)
+    dm.setup()
+    batch = next(iter(dm.test_dataloader()))
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(batch["fmri"], batch["subject"])["latent"],
+                                   m(batch["fmri"], batch["subject"])["latent"])
+
+
+def test_predict_writes_three_variants_per_key_grid_and_timings(stage3_inputs):
+    s = stage3_inputs
+    m = model(s, grid_rows=3)
+    outputs = trainer(s["root"] / "pred").predict(m, datamodule=datamodule(s))
+    out = s["root"] / "predict"
+    for variant in ("seen", "caption_only", "latent_only", "full"):
+        assert sorted(p.stem for p in (out / variant).glob("*.png")) == s["test_keys"]
+        assert load_png(next((out / variant).glob("*.png"))).shape == (3, 16, 16)
+    assert (out / "grid.png").is_file()
+    info = json.loads((out / "reconstructions.json").read_text())
+    assert [r["key"] for r in info["records"]] == s["test_keys"]
+    assert all(r["decoded"] == f"decoded {r['key']}" for r in info["records"])  # stage 2's captions as prompts
+    assert set(info["seconds_per_image"]) == {"caption_only", "latent_only", "full"}
+    assert sum(len(rows) for rows in outputs) == len(s["test_keys"])
+    # predicting again gives identical images (seeded per key)
+    first = {p.name: load_png(p) for p in (out / "full").glob("*.png")}
+    trainer(s["root"] / "pred").predict(m, datamodule=datamodule(s))
+    assert all(torch.equal(load_png(out / "full" / name), img) for name, img in first.items())
+
+
+def test_missing_captions_fail_clearly(stage3_inputs, tmp_path):
+    s = stage3_inputs
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text(json.dumps({"key": s["test_keys"][0], "caption": "x"}) + "\n")
+    m = model(s, captions=str(partial), predict_dir=str(tmp_path / "p"))
+    with pytest.raises(KeyError, match="no caption for"):
+        trainer(tmp_path / "t").predict(m, datamodule=datamodule(s))
