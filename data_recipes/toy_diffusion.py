@@ -43,7 +43,6 @@ import logging
 import math
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +106,7 @@ def _tiny_model() -> SmallSDConfig:
 SCALES = {
     "tiny": ToySDRecipe(model=_tiny_model(), vae_steps=40, vae_batch=8, text_pretrain_steps=20, unet_steps=40,
                         unet_batch=16, warmup_steps=5, eval_scenes=16, eval_steps=8),
-    "demo": ToySDRecipe(vae_steps=400, text_pretrain_steps=200, unet_steps=600, eval_scenes=50),
+    "demo": ToySDRecipe(vae_steps=400, text_pretrain_steps=150, unet_steps=300, eval_scenes=50),
     "full": ToySDRecipe(vae_steps=1500, unet_steps=6000, warmup_steps=200),
 }
 

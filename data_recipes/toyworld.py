@@ -19,7 +19,6 @@ docs/data.md for what is simulated and how.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

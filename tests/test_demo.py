@@ -1,5 +1,6 @@
 """End to end: `make demo SCALE=tiny` — simulate, convert, train the three stages, predict, evaluate,
-report — in a temporary root, then a re-run that reuses every finished step, then `make eval`."""
+report — in a temporary root, then a re-run that reuses every finished step. (`make eval` runs the
+last two steps of the same plan.)"""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def make(target: str, root: Path, *variables: str) -> subprocess.CompletedProces
         command = ["make", "-s", target, f"VENV={venv}", "SCALE=tiny", f"DEMO_ROOT={root}", *variables]
     else:
         command = [sys.executable, "-m", "mindsemantix.demo", "--scale", "tiny", "--root", str(root),
-                   *(["--eval-only"] if target == "eval" else [])]
+                   *(["--eval-only"] if target == "eval" else []),
+                   *[f"--{v.split('=')[0].lower()}={v.split('=')[1]}" for v in variables]]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
 
@@ -72,15 +74,13 @@ def test_tiny_demo_runs_every_step_and_writes_the_report(tiny_demo):
     assert "beat" in result.stdout  # the closing summary: model against the best baseline per metric
 
 
-def test_rerunning_reuses_finished_steps_and_eval_rewrites_the_report(tiny_demo):
+def test_rerunning_reuses_finished_steps_and_eval_names_a_missing_run(tiny_demo):
     root, _ = tiny_demo
     again = make("demo", root)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count(": done (") == len(STEPS)
+    assert json.loads((root / "runs" / "tiny" / "demo.json").read_text())["subjects"] == 2
 
-    report = root / "reports" / "tiny" / "eval.json"
-    before = report.stat().st_mtime_ns
-    evaluated = make("eval", root)
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert report.stat().st_mtime_ns > before
-    assert "run 'tiny'" in evaluated.stdout
+    missing = make("eval", root, "RUN=no-such-run")
+    assert missing.returncode != 0
+    assert "runs/no-such-run/align/captions.jsonl is missing" in missing.stdout + missing.stderr

@@ -198,9 +198,24 @@ def load_split_arrays(root: str | os.PathLike, split: str, *, captions: bool = T
     return out
 
 
+class MemoEncoder:
+    """A sentence encoder that embeds each distinct sentence once: the ridge targets and the retrieval
+    pool are the same captions, and simulated captions repeat across images."""
+
+    def __init__(self, encoder):
+        self.encoder, self.cache = encoder, {}
+
+    def encode(self, sentences: Sequence[str]) -> np.ndarray:
+        todo = [s for s in dict.fromkeys(sentences) if s not in self.cache]
+        if todo:
+            self.cache.update(zip(todo, np.asarray(self.encoder.encode(todo), dtype=np.float32)))
+        return np.stack([self.cache[s] for s in sentences])
+
+
 def caption_baselines(train: Mapping[str, SplitArrays], test: Mapping[str, SplitArrays], encoder, seed: int = 0,
                       alphas: Sequence[float] = DEFAULT_ALPHAS) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
     """{"chance": {key: caption}, "ridge_retrieval": {key: caption}} and fit info per subject."""
+    encoder = MemoEncoder(encoder)
     train_captions = {k: caps for arr in train.values() for k, caps in zip(arr.keys, arr.captions)}
     test_keys = [k for arr in test.values() for k in arr.keys]
     baselines = {"chance": chance_captions(test_keys, train_captions, seed), "ridge_retrieval": {}}

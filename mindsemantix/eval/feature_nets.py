@@ -44,21 +44,29 @@ class FeatureNet:
     extract: Callable[[torch.Tensor], torch.Tensor]
     batch_size: int = 32
     description: str = ""
-    # The seen images are scored against the model and every image baseline: their features are
-    # kept (by content hash) so each net sees them once per run.
+    # The seen images are scored against the model and every image baseline (the shuffled-image
+    # baseline is the seen images again): features are kept per image (by content hash), so each net
+    # sees each distinct image once per run.
     _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    max_cached: int = 20_000
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(N,3,H,W) uint8 -> (N, D) float32, in batches."""
-        digest = hashlib.sha1(images.contiguous().numpy().tobytes()).hexdigest() + str(tuple(images.shape))
-        if digest not in self._cache:
-            out = [self.extract(images[i:i + self.batch_size]).float().flatten(1).cpu()
-                   for i in range(0, len(images), self.batch_size)]
-            if len(self._cache) >= 2:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[digest] = torch.cat(out)
-        return self._cache[digest]
+        digests = [hashlib.sha1(im.contiguous().numpy().tobytes()).hexdigest() + str(tuple(im.shape)) for im in images]
+        first: dict[str, int] = {}
+        for i, d in enumerate(digests):
+            first.setdefault(d, i)
+        todo = [i for d, i in first.items() if d not in self._cache]
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start:start + self.batch_size]
+            feats = self.extract(images[chunk]).float().flatten(1).cpu()
+            for i, f in zip(chunk, feats):
+                self._cache[digests[i]] = f
+        out = torch.stack([self._cache[d] for d in digests])
+        while len(self._cache) > self.max_cached:
+            self._cache.pop(next(iter(self._cache)))
+        return out
 
 
 def resize_normalize(images: torch.Tensor, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
@@ -87,7 +95,8 @@ def _device_of(module: nn.Module) -> torch.device:
 @lru_cache(maxsize=1)
 def _efficientnet_lite0() -> nn.Module:
     """Loaded once per process: frozen and in eval mode, so every FeatureNet can share it."""
-    return load_efficientnet_lite0().eval().requires_grad_(False)
+    # channels_last: ~1.5x faster depthwise convolutions on a CPU, same features to ~1e-5
+    return load_efficientnet_lite0().eval().requires_grad_(False).to(memory_format=torch.channels_last)
 
 
 def efficientnet_lite0_net() -> FeatureNet:
@@ -96,7 +105,7 @@ def efficientnet_lite0_net() -> FeatureNet:
 
     def extract(images: torch.Tensor) -> torch.Tensor:
         x = resize_normalize(images, 224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # = x*2-1
-        fmap = net.extract_features(x.to(_device_of(net)))  # (B, 1280, 7, 7)
+        fmap = net.extract_features(x.to(_device_of(net)).contiguous(memory_format=torch.channels_last))  # (B, 1280, 7, 7)
         return fmap.mean(dim=(2, 3))
 
     return FeatureNet("EfficientNetLite0", extract, description="EfficientNet-Lite0 (ImageNet), pooled last feature map")

@@ -301,8 +301,9 @@ def save_reconstruction_grid(path: str | Path, rows: Sequence[dict], title: str 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = max(len(rows), 1)
-    fig, axes = plt.subplots(n, len(GRID_COLUMNS), figsize=(2.2 * len(GRID_COLUMNS), 2.75 * n), squeeze=False)
+    n, k = max(len(rows), 1), len(GRID_COLUMNS)
+    fig, axes = plt.subplots(n, k + 1, figsize=(1.6 * k + 4.2, 1.7 * n + 0.6), squeeze=False,
+                             gridspec_kw={"width_ratios": [1] * k + [2.6]})
     for r, row in enumerate(rows):
         for c, (name, label) in enumerate(GRID_COLUMNS):
             ax = axes[r][c]
@@ -311,13 +312,14 @@ def save_reconstruction_grid(path: str | Path, rows: Sequence[dict], title: str 
                 ax.imshow(row[name].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
             if r == 0:
                 ax.set_title(label, fontsize=9)
-        text = "\n".join(textwrap.wrap(f"ref: {row.get('reference', '')}", 70)[:2]
-                         + textwrap.wrap(f"decoded: {row.get('decoded', '')}", 70)[:2])
         axes[r][0].set_ylabel(row.get("key", ""), fontsize=7)
-        axes[r][0].text(0, -0.06, text, transform=axes[r][0].transAxes, fontsize=7, va="top", ha="left")
+        text = "\n".join(textwrap.wrap(f"reference: {row.get('reference', '')}", 44)[:3]
+                         + textwrap.wrap(f"decoded: {row.get('decoded', '')}", 44)[:3])
+        axes[r][k].axis("off")
+        axes[r][k].text(0, 0.5, text, transform=axes[r][k].transAxes, fontsize=7.5, va="center", ha="left")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout(h_pad=3.0)
+    fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110)

@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -62,6 +63,9 @@ class QFormerConfig:
     text_pooling: str = "cls"       # ITC's text vector: "cls" (BLIP-2, BERT) or "mean" over tokens
                                     # (models trained for mean pooling, e.g. all-MiniLM-L6-v2, whose
                                     # [CLS] output is the same vector for every caption)
+    train_word_embeddings: bool = True  # False keeps the (pretrained) word-embedding table, also ITG's
+                                    # tied output layer, frozen: on a CPU its dense 30522 x H gradient
+                                    # and AdamW update are most of a small Q-Former's step
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "QFormerConfig":
@@ -218,6 +222,8 @@ class BrainQFormer(nn.Module):
                 p.requires_grad_(itg)
             elif name.startswith("vision"):
                 p.requires_grad_(vision)
+        if not self.config.train_word_embeddings:
+            self.text_embeddings.word_embeddings.weight.requires_grad_(False)
 
     # -- the three attention patterns -------------------------------------------------------------
 
@@ -616,7 +622,11 @@ def caption_word_targets(captions: list[list[str]], tokenizer, vocab: int | Tens
 
     vocab: K -> the K most frequent non-special tokens of these captions; or a (K,) id tensor.
     Returns the (K,) token ids and the (N, K) float32 targets."""
-    per_image = [[set(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in caps] for caps in captions]
+    flat = tokenizer([c for caps in captions for c in caps], add_special_tokens=False)["input_ids"]  # one call
+    per_image, start = [], 0
+    for caps in captions:
+        per_image.append([set(ids) for ids in flat[start:start + len(caps)]])
+        start += len(caps)
     if isinstance(vocab, int):
         special, counts = set(tokenizer.all_special_ids), {}
         for caps in per_image:
@@ -625,13 +635,13 @@ def caption_word_targets(captions: list[list[str]], tokenizer, vocab: int | Tens
                     counts[i] = counts.get(i, 0) + 1
         vocab = torch.tensor(sorted(counts, key=lambda i: (-counts[i], i))[:vocab], dtype=torch.long)
     column = {int(i): k for k, i in enumerate(vocab)}
-    targets = torch.zeros(len(captions), len(column))
+    targets = np.zeros((len(captions), len(column)), dtype=np.float32)  # numpy: per-element torch indexing is slow
     for n, caps in enumerate(per_image):
         for ids in caps:
             for i in ids:
                 if i in column:
                     targets[n, column[i]] += 1.0 / len(caps)
-    return vocab, targets
+    return vocab, torch.from_numpy(targets)
 
 
 def save_tiny_wordpiece_tokenizer(folder, words=None):

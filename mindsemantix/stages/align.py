@@ -44,7 +44,7 @@ from mindsemantix.models.llm_bridge import LLMBridge, exclude_frozen_weights, ti
 from mindsemantix.models.pretrained import SMOLLM2, load_causal_lm, load_vision_encoder
 from mindsemantix.models.qformer import (BrainQFormer, FeatureQueue, QFormerConfig, RidgeReadout,
                                          caption_word_targets, representation_losses, vision_alignment_loss)
-from mindsemantix.stages.base import StageModule
+from mindsemantix.stages.base import StageModule, fused_adamw_ok
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +342,8 @@ class BrainAlign(StageModule):
             no_decay = p.ndim < 2 or "query_tokens" in name or "embeddings" in name
             groups.setdefault((scale, 0.0 if no_decay else self.weight_decay), []).append(p)
         optimizer = torch.optim.AdamW([{"params": ps, "lr": self.lr * scale, "weight_decay": wd}
-                                       for (scale, wd), ps in groups.items()], lr=self.lr, betas=self.betas)
+                                       for (scale, wd), ps in groups.items()], lr=self.lr, betas=self.betas,
+                                      fused=fused_adamw_ok([p for ps in groups.values() for p in ps]))
         return self.with_schedule(optimizer)
 
     # -- export (Contract 3) ------------------------------------------------------------------------

@@ -13,6 +13,12 @@ import torch
 import torch.distributed as dist
 
 
+def fused_adamw_ok(params) -> bool | None:
+    """Fused AdamW (one kernel over all tensors; on a CPU several times faster than the per-tensor
+    loop for many small tensors) where every parameter is a float tensor on a CPU or CUDA device."""
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) or None
+
+
 class StageModule(L.LightningModule):
     """Base of BrainMAE, BrainAlign and BrainReconstruct.
 
@@ -72,7 +78,8 @@ class StageModule(L.LightningModule):
         decay = [p for p in params if p.ndim >= 2]  # no weight decay on biases, norms, embeddings' scales
         no_decay = [p for p in params if p.ndim < 2]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas,
+                                      fused=fused_adamw_ok(params))
         return self.with_schedule(optimizer)
 
     def with_schedule(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

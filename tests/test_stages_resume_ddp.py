@@ -1,6 +1,11 @@
-"""Exact resume for stages 2 and 3 (stage 1: tests/test_resume.py), through the real CLI in
-subprocesses: a run SIGKILLed after its last periodic checkpoint and resumed with `--ckpt_path last`
-ends with bitwise the same export as an uninterrupted run; so does one stopped by SIGTERM."""
+"""Stages 2 and 3 through the real CLI in subprocesses (stage 1: tests/test_resume.py and
+tests/test_distributed.py).
+
+Exact resume: a run SIGKILLed after its last periodic checkpoint and resumed with `--ckpt_path
+last` ends with bitwise the same export as an uninterrupted run; so does one stopped by SIGTERM (stage 2).
+DDP: stage 2 on 2 CPU processes (gloo) — contrastive negatives gathered across ranks — keeps
+identical replicas with equal step counts, rank 0 alone exports, and predict writes every test
+caption exactly once."""
 
 from __future__ import annotations
 
@@ -73,10 +78,13 @@ def config(stage: str, s: dict) -> dict:
             "data": {"datasets": s["data"], "batch_size": 4, "fields": fields, "num_workers": 0}}
 
 
-def fit(stage: str, s: dict, run: Path, *extra: str, expect_rc: int = 0) -> subprocess.CompletedProcess:
+def fit(stage: str, s: dict, run: Path, *extra: str, expect_rc: int = 0, subcommand: str = "fit",
+        trainer: dict | None = None) -> subprocess.CompletedProcess:
     path = run.parent / f"{stage}.yaml"
-    path.write_text(yaml.safe_dump(config(stage, s)))
-    cmd = [sys.executable, "-m", "mindsemantix.cli", "fit", "--config", str(path),
+    cfg = config(stage, s)
+    cfg["trainer"] = {**cfg["trainer"], **(trainer or {})}
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "mindsemantix.cli", subcommand, "--config", str(path),
            f"--trainer.default_root_dir={run}", *extra]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -103,14 +111,17 @@ def test_killed_or_preempted_run_resumes_bitwise_exact(stage, inputs, tmp_path):
     assert load_checkpoint_safely(killed / "checkpoints" / "last.ckpt")["global_step"] == 4
     fit(stage, inputs, killed, "--ckpt_path=last")
 
-    stopped = tmp_path / "stopped" / "run"
-    stopped.parent.mkdir()
-    proc = fit(stage, inputs, stopped, "--trainer.callbacks+=probe_callbacks.KillAtStep", "--trainer.callbacks.step=3",
-               "--trainer.callbacks.signal_name=SIGTERM")
-    assert "preemption: received SIGTERM at step 3" in proc.stdout and not (stopped / "export").exists()
-    fit(stage, inputs, stopped, "--ckpt_path=last")
+    runs = [killed]
+    if stage == "align":  # SIGTERM's path is the same for every stage (the Preemption callback)
+        stopped = tmp_path / "stopped" / "run"
+        stopped.parent.mkdir()
+        proc = fit(stage, inputs, stopped, "--trainer.callbacks+=probe_callbacks.KillAtStep",
+                   "--trainer.callbacks.step=3", "--trainer.callbacks.signal_name=SIGTERM")
+        assert "preemption: received SIGTERM at step 3" in proc.stdout and not (stopped / "export").exists()
+        fit(stage, inputs, stopped, "--ckpt_path=last")
+        runs.append(stopped)
 
-    for run in (killed, stopped):
+    for run in runs:
         resumed = export_tensors(run)
         assert resumed.keys() == reference.keys()
         different = [k for k in reference if not torch.equal(reference[k], resumed[k])]
@@ -121,3 +132,27 @@ def test_killed_or_preempted_run_resumes_bitwise_exact(stage, inputs, tmp_path):
                  for r in (run / "metrics.csv").read_text().splitlines()[1:]}
         assert min(steps) <= 1 and max(steps) >= 7
     assert json.loads((killed / "export" / "config.json").read_text())
+
+
+def test_stage2_under_two_process_ddp(inputs, tmp_path):
+    from mindsemantix.data.datamodule import BrainDataModule
+
+    run, probes = tmp_path / "run", tmp_path / "probes"
+    ddp = {"devices": 2, "strategy": "ddp_find_unused_parameters_true", "max_steps": 4, "val_check_interval": 2,
+           "limit_val_batches": None}
+    proc = fit("align", inputs, run, "--trainer.callbacks+=probe_callbacks.RecordWeights",
+               f"--trainer.callbacks.out_dir={probes}", trainer=ddp)
+    ranks = [json.loads((probes / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4
+    assert ranks[0]["digest"] == ranks[1]["digest"]                    # identical replicas
+    assert proc.stdout.count("export: wrote") == 1 and "(rank 0)" in proc.stdout
+
+    predicted = fit("align", inputs, run, "--model.init_args.init_from", str(run / "export"),
+                    "--trainer.callbacks+=mindsemantix.stages.align.CaptionWriter", subcommand="predict",
+                    trainer={"devices": 2, "strategy": "ddp"})
+    assert predicted.stdout.count("captions: wrote") == 1              # rank 0 writes, once
+    rows = [json.loads(line) for line in (run / "captions.jsonl").read_text().splitlines()]
+    dm = BrainDataModule(inputs["data"], batch_size=4)
+    dm.setup()
+    assert sorted(r["key"] for r in rows) == sorted(r.key for r in dm.split_refs("test"))  # each key exactly once
