@@ -15,12 +15,13 @@ What makes it learn in minutes on two CPU cores (each measured, see docs/stage3.
     the UNet phase never runs the VAE; latent mean and std are cached and a fresh sample is drawn
     from the posterior per step, as SD's training does;
   * 64 px images with a 4x VAE (16 x 16 latents): shape survives, and the UNet stays small;
-  * epsilon prediction with min-SNR-5 loss weighting (Hang et al. 2023), which converges several
-    times faster than uniform weighting;
+  * v-prediction (as SD 2.x) with a plain loss, so the high-noise steps, where the prompt decides the
+    layout, count fully (`min_snr_gamma` enables min-SNR weighting, Hang et al. 2023);
   * a small text encoder trained jointly with the UNet on the study's reference captions plus the
     simulator's canonical caption (every attribute named, from the ground-truth scene) when the
     ground truth is available, 10% empty prompts for classifier-free guidance;
-  * bf16 autocast for the matrix work (about 4x fp32 on this CPU), fp32 weights and optimiser.
+  * bf16 autocast where bf16 arithmetic is fast (GPUs, CPUs with AVX512-BF16/AMX: ~4x fp32), fp32
+    elsewhere (an AVX2-only CPU emulates bf16 ~30x slower); fp32 weights and optimiser.
 
 The folder also holds `toy_sd.json`: the recipe, the data provenance, the timings, and the measured
 prompt faithfulness (below), and `samples.png`, a grid of prompts and their images.
