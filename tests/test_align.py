@@ -75,6 +75,19 @@ def test_bridge_learns_brain_dependent_captions_and_generation_modes_agree():
     assert sampled == bridge.generate(codes, max_new_tokens=10, do_sample=True, top_p=0.9, generator_seed=5)
 
 
+def test_query_group_concatenates_adjacent_queries_at_the_word_embedding_scale():
+    bridge = tiny_bridge(query_group=2)
+    queries = torch.randn(3, 4, 16)
+    prefix = bridge.prefix_embeds(queries)                             # BOS + 4 queries in pairs
+    assert prefix.shape == (3, 1 + 2, 32) and bridge.prefix_length(4) == 3
+    torch.testing.assert_close(prefix[:, 2], bridge.proj(torch.cat([queries[:, 2], queries[:, 3]], dim=-1)))
+    # unit-variance queries start at the spread of the LLM's word embeddings (not ~4x above it)
+    words = bridge.llm.get_input_embeddings().weight.std().item()
+    assert 0.7 < bridge.proj(torch.randn(4096, 32)).std().item() / words < 1.3
+    with pytest.raises(ValueError, match="does not divide"):
+        bridge.prefix_embeds(torch.randn(3, 5, 16))
+
+
 def test_lora_adapters_are_the_only_llm_weights_that_train_and_are_saved():
     bridge = tiny_bridge(lora=dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
     trainable = {n for n, p in bridge.named_parameters() if p.requires_grad}
@@ -167,8 +180,9 @@ def test_two_phases_checkpoints_exports_and_caption_jsonl(stage2_inputs):
 
     # Phase 2: through a (tiny, random) frozen LLM, initialised from phase 1's export
     gen = BrainAlign(init_from=str(root / "rep" / "export"), phase="generative", llm="random:tiny",
-                     prompt="a", lr=1e-3, warmup_steps=1, generation={"max_new_tokens": 6},
+                     prompt="a", lr=1e-3, warmup_steps=1, generation={"max_new_tokens": 6}, query_group=2,
                      export_dir=str(root / "gen" / "export"))
+    assert gen.bridge.prefix_length(QFORMER["num_queries"]) == 1 + 2 + 1  # BOS, 4 queries in pairs, "a"
     torch.testing.assert_close(gen.qformer.query_tokens, rep.qformer.query_tokens)
     torch.testing.assert_close(gen.readout.maps["subj02"].weight, rep.readout.maps["subj02"].weight)
     assert torch.equal(gen.qformer.seen_tokens, rep.qformer.seen_tokens)
@@ -198,8 +212,28 @@ def test_two_phases_checkpoints_exports_and_caption_jsonl(stage2_inputs):
     assert rebuilt.caption(batch["fmri"], batch["subject"]) == gen.caption(batch["fmri"], batch["subject"])
     torch.testing.assert_close(rebuilt.query_outputs(batch["fmri"], batch["subject"]),
                                gen.query_outputs(batch["fmri"], batch["subject"]))
+    assert rebuilt.bridge.query_group == 2
+
+    # ITM reranking: of the LLM's 3 best beams, the one the matching head scores highest (checked one
+    # candidate at a time, so a mix-up of the batched candidate order would show)
+    fmri, subject = batch["fmri"][:3], batch["subject"]
+    brain, bias = gen.brain_inputs(fmri, subject)
+    beams = gen.bridge.generate(gen.qformer.encode_brain(brain, bias), max_new_tokens=6, num_beams=3,
+                                num_return_sequences=3)
+    assert len(beams) == 9
+    chosen = gen.caption(fmri, subject, rerank=3)
+    for i in range(3):
+        scores = []
+        for c in beams[3 * i:3 * i + 3]:
+            ids, mask = gen.qformer.tokenize([c or "."])
+            q, _ = gen.qformer.encode_joint(brain[i:i + 1], ids, mask, causal=False, query_bias=bias[i:i + 1])
+            scores.append(gen.qformer.itm_logits(q).softmax(-1)[0, 1].item())
+        assert chosen[i] == beams[3 * i + max(range(3), key=scores.__getitem__)]
+    with pytest.raises(ValueError, match="query_group 3 must divide"):
+        BrainAlign(init_from=str(root / "rep" / "export"), phase="generative", llm="random:tiny", query_group=3)
     # Resuming from the checkpoint restores the trained weights without the LLM's
-    resumed = BrainAlign(init_from=str(root / "rep" / "export"), phase="generative", llm="random:tiny", prompt="a")
+    resumed = BrainAlign(init_from=str(root / "rep" / "export"), phase="generative", llm="random:tiny", prompt="a",
+                         query_group=2)
     resumed.brain_encoder.add_subject("subj02", dm_.subject_info()["subj02"].coords_mm)
     resumed.load_state_dict(state)                                      # strict: only frozen keys may be absent
     torch.testing.assert_close(resumed.bridge.proj.weight, gen.bridge.proj.weight)

@@ -1,13 +1,20 @@
 """Stage 2's generative half: a frozen causal LLM fed the Q-Former's query outputs as a soft prompt.
 
-    query outputs (B, Q, H_qformer) --Linear--> (B, Q, H_llm)
-    inputs_embeds = [BOS] [Q soft-prompt vectors] [prompt tokens] [caption tokens] [EOS] [pad ...]
+    query outputs (B, Q, H_qformer) --group g adjacent queries--> (B, Q/g, g*H_qformer)
+                                     --Linear--> (B, Q/g, H_llm)          (g = query_group, BLIP-2: 1)
+    inputs_embeds = [BOS] [Q/g soft-prompt vectors] [prompt tokens] [caption tokens] [EOS] [pad ...]
     labels        = -100   -100 ...               -100 ...        caption ids      EOS   -100 ...
 
 As in BLIP-2 (OPT / FlanT5) and InstructBLIP (Vicuna): only the projection (and optional LoRA
 adapters) train; the LLM's own weights are frozen and never enter a checkpoint or export (see
 `exclude_frozen_weights`). Any `AutoModelForCausalLM` works: everything goes through
 `inputs_embeds`, `get_input_embeddings()` and `generate()`.
+
+`query_group` > 1 concatenates groups of adjacent queries into one soft-prompt vector: the same
+information in a g-times shorter prefix. The LLM's cost grows with the sequence length, and on a CPU
+the prefix can be most of it (BLIP-2's 32 queries against a ~15-token caption).
+The projection starts at the scale of the LLM's own word embeddings, so that the soft prompt
+neither drowns the text nor vanishes in it at the first step.
 
 The prefix (BOS, soft prompt, prompt) has the same length for every sample, so training pads
 captions on the right and generation needs no padding at all. The LM head runs only at the
@@ -65,11 +72,15 @@ class LLMBridge(nn.Module):
     llm, tokenizer: from `pretrained.load_causal_lm`. query_width: the Q-Former's hidden size.
     prompt: text after the soft prompt (e.g. "A photo of"); "" for none. lora: None, or LoraConfig
     fields (r, lora_alpha, lora_dropout, target_modules) for adapters injected through peft.
+    query_group: adjacent queries per soft-prompt vector (must divide the number of queries).
     """
 
     def __init__(self, llm: nn.Module, tokenizer, query_width: int, prompt: str = "", add_bos: bool = True,
-                 max_caption_tokens: int = 32, lora: dict[str, Any] | None = None):
+                 max_caption_tokens: int = 32, lora: dict[str, Any] | None = None, query_group: int = 1):
         super().__init__()
+        if query_group < 1:
+            raise ValueError(f"query_group must be >= 1, got {query_group}")
+        self.query_group = int(query_group)
         self.tokenizer = tokenizer
         self.prompt, self.max_caption_tokens, self.lora_config = prompt, int(max_caption_tokens), lora
         llm.requires_grad_(False)
@@ -81,7 +92,10 @@ class LLMBridge(nn.Module):
                 p.requires_grad_("lora_" in name)
         self.llm = exclude_frozen_weights(llm)
         embed = llm.get_input_embeddings()
-        self.proj = nn.Linear(query_width, embed.embedding_dim)
+        self.proj = nn.Linear(query_width * self.query_group, embed.embedding_dim)
+        with torch.no_grad():  # unit-variance inputs (LayerNorm-ed queries) -> the word embeddings' spread
+            nn.init.normal_(self.proj.weight, std=float(embed.weight.float().std()) / (query_width * self.query_group) ** 0.5)
+            self.proj.bias.zero_()
 
         if tokenizer.eos_token_id is None:
             raise ValueError("the LLM tokenizer defines no eos_token; captions need an end marker")
@@ -98,13 +112,16 @@ class LLMBridge(nn.Module):
         return self.llm.get_input_embeddings().weight.dtype
 
     def prefix_length(self, num_queries: int) -> int:
-        return len(self.bos_ids) + num_queries + len(self.prompt_ids)
+        return len(self.bos_ids) + num_queries // self.query_group + len(self.prompt_ids)
 
     def prefix_embeds(self, query_out: Tensor) -> Tensor:
-        """(B, Q, H_q) -> (B, L0, H_llm): [BOS] [projected queries] [prompt]."""
-        B = query_out.shape[0]
+        """(B, Q, H_q) -> (B, L0, H_llm): [BOS] [projected query groups] [prompt]."""
+        B, Q, H = query_out.shape
+        if Q % self.query_group:
+            raise ValueError(f"query_group {self.query_group} does not divide the {Q} queries")
+        grouped = query_out.reshape(B, Q // self.query_group, self.query_group * H)            # (B, Q/g, g*H_q)
         embed = self.llm.get_input_embeddings()
-        soft = self.proj(query_out).to(self.llm_dtype)                                       # (B, Q, H_llm)
+        soft = self.proj(grouped).to(self.llm_dtype)                                          # (B, Q/g, H_llm)
         before = embed(self.bos_ids).expand(B, -1, -1)                                        # (B, 0|1, H_llm)
         after = embed(self.prompt_ids).expand(B, -1, -1)                                      # (B, P, H_llm)
         return torch.cat([before.to(soft.dtype), soft, after.to(soft.dtype)], dim=1)
@@ -152,10 +169,11 @@ class LLMBridge(nn.Module):
     def generate(self, query_out: Tensor, max_new_tokens: int = 30, min_new_tokens: int = 1, num_beams: int = 1,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
                  repetition_penalty: float = 1.0, length_penalty: float = 1.0, use_cache: bool = True,
-                 generator_seed: int | None = None) -> list[str]:
+                 generator_seed: int | None = None, num_return_sequences: int = 1) -> list[str]:
         """Captions for a batch of query outputs, through `generate(inputs_embeds=...)` (KV cache on
         by default). Greedy by default; `num_beams > 1` for beam search; `do_sample` for sampling
-        (temperature / top_p / top_k; `generator_seed` makes it repeatable)."""
+        (temperature / top_p / top_k; `generator_seed` makes it repeatable). With
+        `num_return_sequences` = K > 1: B*K captions, sample i's candidates at [i*K, (i+1)*K)."""
         from transformers import GenerationConfig
 
         prefix = self.prefix_embeds(query_out)                                                # (B, L0, H)
@@ -164,7 +182,8 @@ class LLMBridge(nn.Module):
                                   top_p=top_p if do_sample else None, top_k=top_k if do_sample else None,
                                   repetition_penalty=repetition_penalty,
                                   length_penalty=length_penalty if num_beams > 1 else None,
-                                  eos_token_id=self.eos_id, pad_token_id=self.pad_id, use_cache=use_cache)
+                                  eos_token_id=self.eos_id, pad_token_id=self.pad_id, use_cache=use_cache,
+                                  num_return_sequences=num_return_sequences)
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
         out = self.llm.generate(inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long,

@@ -84,9 +84,10 @@ class BrainAlign(StageModule):
     readout_dim: > 0 adds the ridge readout (`RidgeReadout`): per-subject closed-form maps from voxels
         to the word content of the captions (this many frequent tokens), fitted on the training split
         in `setup`, conditioning the queries. 0 = BLIP-2's Q-Former alone.
-    llm, llm_dtype, prompt, add_bos, max_caption_tokens, lora: the frozen causal LLM (hub id,
-        path, `offline:smollm2-135m-instruct`), its weight dtype, text after the soft prompt,
-        caption length limit, optional LoRA (peft LoraConfig fields).
+    llm, llm_dtype, prompt, add_bos, max_caption_tokens, lora, query_group: the frozen causal LLM
+        (hub id, path, `offline:smollm2-135m-instruct`), its weight dtype, text after the soft
+        prompt, caption length limit, optional LoRA (peft LoraConfig fields), adjacent queries per
+        soft-prompt vector (`LLMBridge`; 1 = BLIP-2).
     vision_encoder: frozen image encoder for the brain-vision loss (None: no vision loss).
     generation: `LLMBridge.generate` settings (max_new_tokens, num_beams, do_sample, ...).
     lr, weight_decay, warmup_steps, **kwargs: optimisation, `export_dir` (written at the end of
@@ -100,7 +101,7 @@ class BrainAlign(StageModule):
                  qformer: dict[str, Any] | None = None, loss_weights: dict[str, float] | None = None,
                  queue_size: int = 0, queue_start_step: int | None = None, readout_dim: int = 0, llm: str = SMOLLM2, llm_dtype: str = "float32", prompt: str = "",
                  add_bos: bool = True, max_caption_tokens: int = 32, lora: dict[str, Any] | None = None,
-                 vision_encoder: str | None = None, generation: dict[str, Any] | None = None,
+                 query_group: int = 1, vision_encoder: str | None = None, generation: dict[str, Any] | None = None,
                  lr: float = 1e-4, weight_decay: float = 0.05, warmup_steps: int = 100, **kwargs: Any):
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, **kwargs)
         self.save_hyperparameters()
@@ -173,11 +174,14 @@ class BrainAlign(StageModule):
             if llm_cfg:  # continuing a generative run: the LLM side must be the exported one
                 llm, llm_dtype, prompt, add_bos = llm_cfg["name"], llm_cfg["dtype"], llm_cfg["prompt"], llm_cfg["add_bos"]
                 max_caption_tokens, lora = llm_cfg["max_caption_tokens"], llm_cfg["lora"]
+                query_group = llm_cfg.get("query_group", 1)
+            if qcfg.num_queries % query_group:
+                raise ValueError(f"query_group {query_group} must divide the Q-Former's {qcfg.num_queries} queries")
             model, tokenizer = load_llm(llm, llm_dtype)
             self.bridge = LLMBridge(model, tokenizer, self.qformer.config.hidden_size, prompt=prompt, add_bos=add_bos,
-                                    max_caption_tokens=max_caption_tokens, lora=lora)
+                                    max_caption_tokens=max_caption_tokens, lora=lora, query_group=query_group)
             self.llm_settings = {"name": llm, "dtype": llm_dtype, "prompt": prompt, "add_bos": add_bos,
-                                 "max_caption_tokens": max_caption_tokens, "lora": lora}
+                                 "max_caption_tokens": max_caption_tokens, "lora": lora, "query_group": query_group}
             if any(k.startswith("bridge.") for k in init_tensors):
                 _load_prefixed(self.bridge, init_tensors, "bridge.", init_from)
 
@@ -253,10 +257,30 @@ class BrainAlign(StageModule):
 
     @torch.no_grad()
     def caption(self, fmri: Tensor, subject: str, **generation: Any) -> list[str]:
+        """One caption per sample: the LLM's (generative phase) or the ITG decoder's. `rerank: K` in
+        the generation settings has the LLM propose K captions (the K best beams) and keeps the one
+        the Q-Former's matching head (ITM) finds most likely to belong to this brain response, as
+        BLIP ranks candidates with ITM."""
         brain, bias = self.brain_inputs(fmri, subject)
         if self.bridge is None:
             return self.qformer.generate(brain, query_bias=bias)
-        return self.bridge.generate(self.qformer.encode_brain(brain, bias), **{**self.generation, **generation})
+        settings = {**self.generation, **generation}
+        K = int(settings.pop("rerank", 0) or 0)
+        query_out = self.qformer.encode_brain(brain, bias)                            # (B, Q, H)
+        if K <= 1:
+            return self.bridge.generate(query_out, **settings)
+        settings.update(num_beams=max(K, settings.get("num_beams", 1)), num_return_sequences=K)
+        candidates = self.bridge.generate(query_out, **settings)                     # B*K, sample-major
+        return [c[i] for c, i in zip(_chunks(candidates, K), self.itm_choice(brain, bias, candidates, K).tolist())]
+
+    @torch.no_grad()
+    def itm_choice(self, brain: Tensor, bias: Tensor | None, candidates: list[str], K: int) -> Tensor:
+        """Index (B,) of the candidate with the highest ITM match probability, K candidates per sample."""
+        ids, mask = self.qformer.tokenize([c or "." for c in candidates], brain.device)       # (B*K, T)
+        repeat = lambda x: None if x is None else x.repeat_interleave(K, dim=0)  # noqa: E731
+        query_out, _ = self.qformer.encode_joint(repeat(brain), ids, mask, causal=False, query_bias=repeat(bias))
+        match = self.qformer.itm_logits(query_out).softmax(-1)[:, 1]                 # (B*K,)
+        return match.view(-1, K).argmax(1)
 
     def vision_features(self, batch: dict[str, Any]) -> Tensor:
         """(B, vision_dim) pooled features of the seen images, computed once per image id."""
@@ -385,8 +409,13 @@ class BrainAlign(StageModule):
         if phase == "generative":
             llm = config["llm"]
             kwargs.update(llm=llm["name"], llm_dtype=llm["dtype"], prompt=llm["prompt"], add_bos=llm["add_bos"],
-                          max_caption_tokens=llm["max_caption_tokens"], lora=llm["lora"])
+                          max_caption_tokens=llm["max_caption_tokens"], lora=llm["lora"],
+                          query_group=llm.get("query_group", 1))
         return cls(**{**kwargs, **overrides}).eval()
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _all_tensors(module: nn.Module) -> dict[str, Tensor]:

@@ -120,7 +120,7 @@ class BrainReconstruct(StageModule):
 
     align_export: the stage-2 export folder (kind "brain_align"); frozen.
     diffusion: Stable Diffusion, hub id (`stable-diffusion-v1-5/stable-diffusion-v1-5`) or a local
-        diffusers folder (`data/toy_sd`, from data_recipes/toy_diffusion.py); frozen.
+        diffusers folder (`data/toyworld/toy_sd`, from data_recipes/toy_diffusion.py); frozen.
     diffusion_dtype: "float32" | "float16" | "bfloat16" for the SD weights (fp16 on GPUs).
     resolution: image size the latents are taken at (default: the UNet's native size).
     head: LatentHead fields (token_dim, hidden, dropout).
@@ -140,7 +140,7 @@ class BrainReconstruct(StageModule):
 
     frozen_prefixes = ("brain.", "sd.", "vision.")
 
-    def __init__(self, align_export: str, diffusion: str = "data/toy_sd", diffusion_dtype: str = "float32", resolution: int | None = None, head: dict[str, Any] | None = None,
+    def __init__(self, align_export: str, diffusion: str = "data/toyworld/toy_sd", diffusion_dtype: str = "float32", resolution: int | None = None, head: dict[str, Any] | None = None,
                  image_embedding: str | None = None, embedding_weight: float = 0.0, n_candidates: int = 1,
                  captions: str | None = None, sampling: dict[str, Any] | None = None, scheduler: str = "ddim",
                  predict_dir: str | None = None, variants: list[str] | None = None,
