@@ -103,6 +103,40 @@ def test_prediction_order_and_key_names_do_not_matter(meteor_jar):
         assert other["metrics"][name] == pytest.approx(value, abs=1e-12), name
 
 
+@pytest.mark.parametrize("impl", [pytest.param("java", marks=needs_java), "nltk"])
+def test_one_tokenizer_run_for_several_scoring_runs(impl, monkeypatch):
+    # The report tokenises every caption set (and the ceiling's) in one run: a caption's tokens
+    # depend on that caption alone, so the numbers are those of a tokenizer run per scoring run.
+    alone = {"model": C.score_captions(PREDICTIONS, REFERENCES, sentence_encoder=None, meteor="off", spice="off",
+                                       tokenizer=impl),
+             "ceiling": C.reference_ceiling(REFERENCES, sentence_encoder=None, meteor="off", spice="off",
+                                            tokenizer=impl)}
+    tokenizer = C.CaptionTokenizer(impl)
+    tokenizer.prefetch([*PREDICTIONS.values(), *(r for refs in REFERENCES.values() for r in refs)])
+    monkeypatch.setattr(C, "ptb_tokenize", lambda *a, **k: pytest.fail("tokenised again"))
+    shared = {"model": C.score_captions(PREDICTIONS, REFERENCES, sentence_encoder=None, meteor="off", spice="off",
+                                        tokenizer=tokenizer),
+              "ceiling": C.reference_ceiling(REFERENCES, sentence_encoder=None, meteor="off", spice="off",
+                                             tokenizer=tokenizer)}
+    for name in alone:
+        assert shared[name]["metrics"] == alone[name]["metrics"], name
+        assert shared[name]["info"]["tokenizer_impl"] == alone[name]["info"]["tokenizer_impl"]
+
+
+def test_memo_encoder_embeds_each_sentence_once():
+    sentences = ["a long sentence of several words", "red car", "blue sky", "red car", "a dog"]
+    enc = BagOfWords(sentences)
+    calls = []
+    counting = type("Counting", (), {"encode": lambda self, s: calls.append(list(s)) or enc.encode(s)})()
+    memo = C.MemoEncoder(counting, source="bag of words")
+    np.testing.assert_array_equal(memo.encode(sentences), enc.encode(sentences).numpy())
+    np.testing.assert_array_equal(memo.encode(["blue sky", "a dog"]), enc.encode(["blue sky", "a dog"]).numpy())
+    assert calls == [["a dog", "red car", "blue sky", "a long sentence of several words"]]  # distinct, shortest first
+    preds, refs = {"a": "red car", "b": "blue sky"}, {"a": ["red car", "a dog"], "b": ["blue sky"]}
+    result = C.score_captions(preds, refs, sentence_encoder=memo, meteor="off", spice="off", tokenizer="nltk")
+    assert result["info"]["sentence_encoder"] == "bag of words" and result["metrics"]["SentenceSim"] == pytest.approx(1.0)
+
+
 def test_without_java_tokenizer_and_meteor_fall_back(no_java):
     with pytest.raises(RuntimeError, match="java"):
         C.score_captions(PREDICTIONS, REFERENCES, sentence_encoder=None, meteor="java", spice="off")

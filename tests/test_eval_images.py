@@ -135,6 +135,35 @@ def test_alexnet_layers_load_torchvision_state_dict(tmp_path):
         build_feature_nets({"alexnet": tmp_path / "missing.pth"}, offline=False)
 
 
+def test_several_sets_score_as_each_set_alone(tmp_path):
+    # score_image_sets shares the targets' work between sets; each number must be the one of the set alone
+    target = noise(70, 24, seed=20)  # more than one chunk of 64
+    sets = {"a": noise(70, 16, seed=21), "b": target.flip(0), "c": target[torch.randperm(70)]}
+    together = I.score_image_sets(sets, target, feature_nets=[pixels_net()], size=48)
+    for name, pred in sets.items():
+        alone = I.score_images(pred, target, feature_nets=[pixels_net()], size=48)
+        assert together[name] == alone, name  # exactly: same floats, same info
+
+    # images of one size are resized together: the same pixels as one by one
+    mixed = [noise(1, n, seed=n)[0] for n in (16, 16, 30, 60, 16)]
+    one_by_one = torch.cat([torch.nn.functional.interpolate(im[None].double() / 255.0, size=(48, 48), mode="bilinear",
+                                                            align_corners=False, antialias=im.shape[-1] > 48)
+                            for im in mixed])
+    assert torch.equal(I._stack_resized(mixed, 48), one_by_one)
+
+    # folders: sets with other keys are scored on their own, each with its own targets
+    for name, images in {"seen": target[:4], "p1": sets["a"][:4], "p2": sets["b"][:4], "p3": sets["c"][:3]}.items():
+        (tmp_path / name).mkdir()
+        for i, im in enumerate(images):
+            Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp_path / name / f"k{i}.png")
+    folders = {n: tmp_path / n for n in ("p1", "p2", "p3")}
+    results = I.score_image_folder_sets(folders, tmp_path / "seen", feature_nets=[pixels_net()])
+    assert list(results) == ["p1", "p2", "p3"]
+    for name, folder in folders.items():
+        assert results[name] == I.score_image_folders(folder, tmp_path / "seen", feature_nets=[pixels_net()])
+    assert results["p3"]["info"]["n_images"] == 3 and results["p3"]["info"]["keys_without_prediction"] == 1
+
+
 def test_pil_lists_and_mixed_sizes():
     rng = np.random.default_rng(10)
     pil = [Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)) for i in range(3)]

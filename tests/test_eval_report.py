@@ -58,6 +58,15 @@ def test_ridge_recovers_a_linear_map_and_picks_the_penalty_by_leave_one_out():
                            for i in range(n)])
             assert fit.loo_mse[fit.alpha] == pytest.approx(loo, rel=1e-6)
 
+        # one decomposition of x serves several fits (the caption and image baselines of a subject)
+        svd = B.CentredSVD.of(x)
+        for fit, target in ((clean, y), (noisy, y_noisy)):
+            shared = B.fit_ridge(svd, target)
+            assert shared.alpha == fit.alpha and shared.loo_mse == fit.loo_mse
+            np.testing.assert_array_equal(shared.weights, fit.weights)
+        with pytest.raises(ValueError, match="N = "):
+            B.fit_ridge(svd, y[:-1])
+
 
 class WordCounts:
     """Stand-in sentence encoder: normalised word counts."""

@@ -27,11 +27,13 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mindsemantix.eval.captions import MemoEncoder
 from mindsemantix.io import atomic_dir, atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -86,24 +88,52 @@ class RidgeFit:
         return (np.asarray(x, dtype=np.float64) - self.x_mean) @ self.weights + self.y_mean
 
 
-def fit_ridge(x: np.ndarray, y: np.ndarray, alphas: Sequence[float] = DEFAULT_ALPHAS) -> RidgeFit:
+@dataclass
+class CentredSVD:
+    """What `fit_ridge` needs of x (N, V): its column means and the thin SVD of the centred x, the
+    costly part (seconds at N ~ 1000, V ~ 2500). One per subject serves every fit from its voxels:
+    the caption and the image baselines."""
+
+    x_mean: np.ndarray  # (V,)
+    u: np.ndarray  # (N, k)
+    s: np.ndarray  # (k,)
+    vt: np.ndarray  # (k, V)
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> "CentredSVD":
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2:
+            raise ValueError(f"ridge needs x (N, V), got shape {x.shape}")
+        x_mean = x.mean(0)
+        u, s, vt = np.linalg.svd(x - x_mean, full_matrices=False)  # xc = u diag(s) vt
+        return cls(x_mean, u, s, vt)
+
+    def __len__(self) -> int:
+        return len(self.u)
+
+
+def fit_ridge(x: np.ndarray | CentredSVD, y: np.ndarray, alphas: Sequence[float] = DEFAULT_ALPHAS) -> RidgeFit:
     """Ridge from x (N, V) to y (N, D) with an intercept; the penalty minimises leave-one-out MSE.
 
     Through the thin SVD of the centred x (cost min(N,V)^2 max(N,V)), every penalty costs only a
     rescaling: W = V diag(s / (s^2 + a)) U^T Y; the hat matrix with the (unpenalised) intercept is
     H = 11^T / N + U diag(s^2 / (s^2 + a)) U^T, and the exact leave-one-out residual of sample i is
     (y_i - (H y)_i) / (1 - H_ii). `alphas` are relative to the mean of s^2, so one grid suits any
-    voxel count and scale.
+    voxel count and scale. x may be given as its `CentredSVD`, to share it between fits.
     """
-    x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
-        raise ValueError(f"ridge needs x (N, V) and y (N, D) with the same N, got {x.shape} and {y.shape}")
+    if not isinstance(x, CentredSVD):
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
+            raise ValueError(f"ridge needs x (N, V) and y (N, D) with the same N, got {x.shape} and {y.shape}")
+    elif y.ndim != 2 or len(x) != len(y):
+        raise ValueError(f"ridge needs y (N, D) with the N = {len(x)} of x, got {y.shape}")
     if len(x) < 3:
         raise ValueError(f"ridge needs at least 3 training samples, got {len(x)}")
-    x_mean, y_mean = x.mean(0), y.mean(0)
-    xc, yc = x - x_mean, y - y_mean
-    u, s, vt = np.linalg.svd(xc, full_matrices=False)  # xc = u diag(s) vt
+    svd = x if isinstance(x, CentredSVD) else CentredSVD.of(x)
+    u, s, vt = svd.u, svd.s, svd.vt
+    y_mean = y.mean(0)
+    yc = y - y_mean
     uty = u.T @ yc  # (k, D)
     scale = float(np.mean(s ** 2)) or 1.0
     loo = {}
@@ -111,13 +141,13 @@ def fit_ridge(x: np.ndarray, y: np.ndarray, alphas: Sequence[float] = DEFAULT_AL
         a = rel * scale
         shrink = s ** 2 / (s ** 2 + a)  # (k,)
         fitted = u @ (shrink[:, None] * uty)  # H Y
-        h_diag = 1.0 / len(x) + (u ** 2) @ shrink  # (N,); 1/N: the unpenalised intercept's share
+        h_diag = 1.0 / len(u) + (u ** 2) @ shrink  # (N,); 1/N: the unpenalised intercept's share
         resid = (yc - fitted) / np.clip(1.0 - h_diag, 1e-12, None)[:, None]
         loo[float(rel)] = float(np.mean(resid ** 2))
     best = min(loo, key=loo.get)
     a = best * scale
     weights = vt.T @ ((s / (s ** 2 + a))[:, None] * uty)  # (V, D)
-    return RidgeFit(x_mean, y_mean, weights, best, loo)
+    return RidgeFit(svd.x_mean, y_mean, weights, best, loo)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +174,8 @@ def ridge_caption_retrieval(x_train: np.ndarray, captions_train: Sequence[Sequen
                             alphas: Sequence[float] = DEFAULT_ALPHAS) -> tuple[list[str], RidgeFit]:
     """Predict a sentence embedding from voxels, return the nearest candidate caption per test row.
 
-    x_train (N, V) voxels (mean over repetitions), captions_train N lists of captions, x_test (M, V).
+    x_train (N, V) voxels (mean over repetitions, or their `CentredSVD`), captions_train N lists of
+    captions, x_test (M, V).
     candidates: the captions to retrieve from (default: every training caption, deduplicated).
     """
     if len(captions_train) != len(x_train):
@@ -169,6 +200,11 @@ class SplitArrays:
     x: np.ndarray  # (N, V) float32
     captions: list[list[str]] | None = None
     images: list[np.ndarray] | None = None  # (H, W, 3) uint8 each
+
+    @cached_property
+    def svd(self) -> CentredSVD:
+        """x for `fit_ridge`, decomposed once for all the baselines fitted on it."""
+        return CentredSVD.of(self.x)
 
 
 def mean_repetitions(fmri: np.ndarray) -> np.ndarray:
@@ -198,24 +234,10 @@ def load_split_arrays(root: str | os.PathLike, split: str, *, captions: bool = T
     return out
 
 
-class MemoEncoder:
-    """A sentence encoder that embeds each distinct sentence once: the ridge targets and the retrieval
-    pool are the same captions, and simulated captions repeat across images."""
-
-    def __init__(self, encoder):
-        self.encoder, self.cache = encoder, {}
-
-    def encode(self, sentences: Sequence[str]) -> np.ndarray:
-        todo = [s for s in dict.fromkeys(sentences) if s not in self.cache]
-        if todo:
-            self.cache.update(zip(todo, np.asarray(self.encoder.encode(todo), dtype=np.float32)))
-        return np.stack([self.cache[s] for s in sentences])
-
-
 def caption_baselines(train: Mapping[str, SplitArrays], test: Mapping[str, SplitArrays], encoder, seed: int = 0,
                       alphas: Sequence[float] = DEFAULT_ALPHAS) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
     """{"chance": {key: caption}, "ridge_retrieval": {key: caption}} and fit info per subject."""
-    encoder = MemoEncoder(encoder)
+    encoder = MemoEncoder(encoder)  # the ridge targets and the retrieval pool are the same captions
     train_captions = {k: caps for arr in train.values() for k, caps in zip(arr.keys, arr.captions)}
     test_keys = [k for arr in test.values() for k in arr.keys]
     baselines = {"chance": chance_captions(test_keys, train_captions, seed), "ridge_retrieval": {}}
@@ -223,7 +245,7 @@ def caption_baselines(train: Mapping[str, SplitArrays], test: Mapping[str, Split
     for subject, arr in test.items():
         if subject not in train:
             raise ValueError(f"subject {subject!r} has test samples but no training samples")
-        preds, fit = ridge_caption_retrieval(train[subject].x, train[subject].captions, arr.x, encoder, alphas=alphas)
+        preds, fit = ridge_caption_retrieval(train[subject].svd, train[subject].captions, arr.x, encoder, alphas=alphas)
         baselines["ridge_retrieval"].update(zip(arr.keys, preds))
         info[subject] = {"n_train": len(train[subject].keys), "alpha_relative": fit.alpha}
     return baselines, info
@@ -254,7 +276,7 @@ def ridge_latent_images(train: Mapping[str, SplitArrays], test: Mapping[str, Spl
     for subject, arr in test.items():
         if subject not in train or train[subject].images is None:
             raise ValueError(f"subject {subject!r}: ridge_latent needs its training images")
-        fit = fit_ridge(train[subject].x, encode(train[subject].images), alphas)
+        fit = fit_ridge(train[subject].svd, encode(train[subject].images), alphas)
         predicted = torch.from_numpy(fit.predict(arr.x)).float().view(len(arr.x), *rec.latent_shape)
         for i in range(0, len(arr.keys), batch_size):
             decoded = rec.decode_latents(predicted[i:i + batch_size]).permute(0, 2, 3, 1).numpy()

@@ -265,6 +265,42 @@ def ptb_tokenize(captions: Mapping[Any, Sequence[str]], impl: str) -> dict[Any, 
     return out
 
 
+def resolve_tokenizer(tokenizer: str = "auto") -> str:
+    """"auto" -> "java" where `java` is on PATH, else "nltk"; "java" without java raises."""
+    if tokenizer not in ("auto", "java", "nltk"):
+        raise ValueError(f"unknown tokenizer {tokenizer!r} (auto, java or nltk)")
+    impl = tokenizer if tokenizer != "auto" else ("java" if java_available() else "nltk")
+    if impl == "java" and not java_available():
+        raise RuntimeError("tokenizer='java' but no `java` on PATH")
+    return impl
+
+
+class CaptionTokenizer:
+    """`ptb_tokenize` memoised per caption, so that several scoring runs (model, baselines, ceiling)
+    share one tokenizer run: each Java run costs a JVM start. `prefetch` every caption first, then
+    `tokenize` finds them all in the memo.
+
+    A caption's tokens depend on that caption alone (the PTB tokenizer reads one caption per line,
+    `-preserveLines`), so tokenising captions together or apart gives the same tokens.
+    """
+
+    def __init__(self, tokenizer: str = "auto"):
+        self.impl = resolve_tokenizer(tokenizer)
+        self._memo: dict[str, str] = {}
+
+    def prefetch(self, captions: Iterable[str]) -> None:
+        """Tokenise the captions not seen yet, in one run."""
+        todo = [c for c in dict.fromkeys(captions) if c not in self._memo]
+        if todo:
+            out = ptb_tokenize({i: [c] for i, c in enumerate(todo)}, self.impl)
+            self._memo.update((c, out[i][0]) for i, c in enumerate(todo))
+
+    def tokenize(self, captions: Mapping[Any, Sequence[str]]) -> dict[Any, list[str]]:
+        """Same as `ptb_tokenize(captions, impl)`."""
+        self.prefetch(c for caps in captions.values() for c in caps)
+        return {k: [self._memo[c] for c in caps] for k, caps in captions.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # METEOR
 
@@ -360,6 +396,36 @@ def _resolve_meteor(meteor: str) -> tuple[str, str]:
 # Embedding metrics
 
 
+class MemoEncoder:
+    """A sentence encoder that embeds each distinct sentence once (`encode` as the wrapped encoder's,
+    as an array): the references recur in every scoring run of a report (and as the ceiling's
+    predictions), and the baselines' ridge targets and retrieval pool are the same captions.
+
+    New sentences are embedded in order of length (in tokens where the encoder has a `tokenizer`),
+    so that a batch pads its sentences to about the same length: padding is masked out (the
+    embeddings are the same up to float rounding, ~1e-7) and would be a third of the cost.
+    """
+
+    def __init__(self, encoder, source: str | None = None):
+        self.encoder, self.source = encoder, source or type(encoder).__name__
+        self._memo: dict[str, np.ndarray] = {}
+
+    def _by_length(self, sentences: list[str]) -> list[str]:
+        tokenizer = getattr(self.encoder, "tokenizer", None)
+        if callable(tokenizer):
+            lengths = [len(ids) for ids in tokenizer(sentences)["input_ids"]]
+        else:
+            lengths = [len(s) for s in sentences]
+        return [s for _, s in sorted(zip(lengths, sentences), key=lambda pair: pair[0])]
+
+    def encode(self, sentences: Sequence[str]) -> np.ndarray:
+        todo = [s for s in dict.fromkeys(sentences) if s not in self._memo]
+        if todo:
+            todo = self._by_length(todo)
+            self._memo.update(zip(todo, np.asarray(self.encoder.encode(todo))))
+        return np.stack([self._memo[s] for s in sentences])
+
+
 def sentence_similarity(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]], encoder,
                         reduce: str = "best") -> float:
     """Mean over images of the cosine between the prediction's and the references' embeddings,
@@ -424,17 +490,18 @@ def _to_pil(image):
 def score_captions(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]], *,
                    sentence_encoder: Any = DEFAULT_SENTENCE_ENCODER, sentence_sim: str = "best",
                    clip_path: str | os.PathLike | None = None, images: Mapping[str, Any] | None = None,
-                   meteor: str | JavaMeteor = "auto", spice: str = "auto", tokenizer: str = "auto",
+                   meteor: str | JavaMeteor = "auto", spice: str = "auto", tokenizer: str | CaptionTokenizer = "auto",
                    meteor_timeout_s: float = 600.0) -> dict[str, Any]:
     """Score predicted captions against references (all references per key).
 
     predictions: {key: caption}; references: {key: [caption, ...]}, the same keys.
     sentence_encoder: a name/path for `load_sentence_encoder`, an object with `.encode(list[str])`
-      -> (N, D), or None to skip SentenceSim.
+      -> (N, D) (a `MemoEncoder` to share embeddings across calls), or None to skip SentenceSim.
     clip_path + images ({key: seen image}) add CLIP-S and RefCLIP-S.
     meteor: "auto" (Java jar if `java` is on PATH, else nltk with WordNet, else left out),
       "java", "nltk", "off", or an open `JavaMeteor` to reuse one JVM across calls. spice: "auto" (if its jars are present), "on", "off".
-    tokenizer: "auto" (PTB via Java if available, else nltk Treebank), "java" or "nltk".
+    tokenizer: "auto" (PTB via Java if available, else nltk Treebank), "java", "nltk", or a
+      `CaptionTokenizer` to share one tokenizer run across calls.
 
     Returns {"metrics": {Contract-4 key: float}, "info": {implementations, counts, settings}}.
     """
@@ -443,11 +510,11 @@ def score_captions(predictions: Mapping[str, str], references: Mapping[str, Sequ
     info: dict[str, Any] = {"n_images": len(keys), "n_references": sum(len(references[k]) for k in keys)}
     metrics: dict[str, float] = {}
 
-    tok_impl = tokenizer if tokenizer != "auto" else ("java" if java_available() else "nltk")
-    if tok_impl == "java" and not java_available():
-        raise RuntimeError("tokenizer='java' but no `java` on PATH")
-    tokenised = ptb_tokenize({**{("ref", k): list(references[k]) for k in keys},
-                              **{("pred", k): [predictions[k]] for k in keys}}, tok_impl)
+    if not isinstance(tokenizer, CaptionTokenizer):
+        tokenizer = CaptionTokenizer(tokenizer)
+    tok_impl = tokenizer.impl
+    tokenised = tokenizer.tokenize({**{("ref", k): list(references[k]) for k in keys},
+                                    **{("pred", k): [predictions[k]] for k in keys}})
     gts = {k: tokenised[("ref", k)] for k in keys}
     res = {k: tokenised[("pred", k)] for k in keys}
     info["tokenizer_impl"] = ("pycocoevalcap PTBTokenizer (Stanford CoreNLP 3.4.1, java)" if tok_impl == "java"
@@ -487,6 +554,8 @@ def score_captions(predictions: Mapping[str, str], references: Mapping[str, Sequ
 
             info["sentence_encoder"] = str(sentence_encoder)
             sentence_encoder = load_sentence_encoder(str(sentence_encoder))
+        elif isinstance(sentence_encoder, MemoEncoder):
+            info["sentence_encoder"] = sentence_encoder.source
         else:
             info["sentence_encoder"] = type(sentence_encoder).__name__
         metrics["SentenceSim"] = sentence_similarity(predictions, references, sentence_encoder, sentence_sim)

@@ -96,7 +96,11 @@ def _device_of(module: nn.Module) -> torch.device:
 def _efficientnet_lite0() -> nn.Module:
     """Loaded once per process: frozen and in eval mode, so every FeatureNet can share it."""
     # channels_last: ~1.5x faster depthwise convolutions on a CPU, same features to ~1e-5
-    return load_efficientnet_lite0().eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    net = load_efficientnet_lite0().eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    for module in net.modules():  # each ReLU6 follows a batch norm or a convolution: in place saves a copy
+        if isinstance(module, nn.ReLU6):
+            module.inplace = True
+    return net
 
 
 def efficientnet_lite0_net() -> FeatureNet:

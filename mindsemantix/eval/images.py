@@ -22,6 +22,7 @@ import argparse
 import logging
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 EVAL_SIZE = 425
 GRAY_WEIGHTS = (0.2125, 0.7154, 0.0721)  # scikit-image rgb2gray (ITU-R BT.709 luma)
 SSIM_SIGMA, SSIM_TRUNCATE, SSIM_K1, SSIM_K2 = 1.5, 3.5, 0.01, 0.03
+SSIM_RADIUS = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)  # 5: the window is 11 x 11
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -73,16 +75,26 @@ def as_uint8_list(images: Any, what: str = "images") -> list[torch.Tensor]:
 
 
 def _stack_resized(images: list[torch.Tensor], size: int) -> torch.Tensor:
-    """list of uint8 (3,H,W) -> float64 (N,3,size,size) in [0,1], bilinear (antialiased when shrinking)."""
-    out = []
-    for im in images:
-        x = im.unsqueeze(0).double() / 255.0
-        if x.shape[-2:] != (size, size):
-            shrink = x.shape[-1] > size or x.shape[-2] > size
+    """list of uint8 (3,H,W) -> float64 (N,3,size,size) in [0,1], bilinear (antialiased when shrinking).
+
+    Images of one size are resized as one batch (each output pixel is computed alone: the same
+    values as image by image, several times faster)."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, im in enumerate(images):
+        by_shape.setdefault(tuple(im.shape), []).append(i)
+    out = None
+    for shape, index in by_shape.items():
+        x = torch.stack([images[i] for i in index]).double() / 255.0
+        if shape[-2:] != (size, size):
+            shrink = shape[-1] > size or shape[-2] > size
             x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                                                 antialias=shrink)
-        out.append(x[0])
-    return torch.stack(out)
+        if len(by_shape) == 1:
+            return x
+        if out is None:
+            out = torch.empty(len(images), *x.shape[1:], dtype=x.dtype)
+        out[index] = x
+    return out
 
 
 def _stack_uint8(images: list[torch.Tensor]) -> torch.Tensor:
@@ -98,17 +110,23 @@ def _stack_uint8(images: list[torch.Tensor]) -> torch.Tensor:
 # Metrics (per pair)
 
 
-def pixcorr_per_image(pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:
-    """(N,3,S,S) float pairs -> (N,) Pearson r of the flattened RGB images (0 where one is constant)."""
-    p = pred.reshape(len(pred), -1).double()
-    t = target.reshape(len(target), -1).double()
-    p = p - p.mean(1, keepdim=True)
-    t = t - t.mean(1, keepdim=True)
+def _centred_rows(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N,3,S,S) -> the flattened images less their means (N, 3*S*S), "constant" flags, norms (N,)."""
+    x = images.reshape(len(images), -1).double()
+    x = x - x.mean(1, keepdim=True)
     # "constant" with a tolerance: resizing a flat image leaves rounding noise (~1e-17), whose
     # correlation with anything is meaningless
-    flat = (p.std(1) < 1e-9) | (t.std(1) < 1e-9)
-    r = (p * t).sum(1) / (p.norm(dim=1) * t.norm(dim=1)).clamp_min(1e-300)
-    return torch.where(flat, torch.zeros_like(r), r).numpy()
+    return x, x.std(1) < 1e-9, x.norm(dim=1)
+
+
+def pixcorr_per_image(pred: torch.Tensor, target: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                      ) -> np.ndarray:
+    """(N,3,S,S) float pairs -> (N,) Pearson r of the flattened RGB images (0 where one is constant).
+    `target` may be given as its `_centred_rows`, to share them between prediction sets."""
+    p, p_flat, p_norm = _centred_rows(pred)
+    t, t_flat, t_norm = target if isinstance(target, tuple) else _centred_rows(target)
+    r = (p * t).sum(1) / (p_norm * t_norm).clamp_min(1e-300)
+    return torch.where(p_flat | t_flat, torch.zeros_like(r), r).numpy()
 
 
 def rgb_to_gray(x: torch.Tensor) -> np.ndarray:
@@ -117,26 +135,39 @@ def rgb_to_gray(x: torch.Tensor) -> np.ndarray:
     return (x.double() * w).sum(1).numpy()
 
 
-def ssim_gray(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
-    """Mean SSIM of two 2-D images (Wang et al. 2004) with Gaussian weights as MindEye uses it."""
-    if a.shape != b.shape or a.ndim != 2:
-        raise ImageInputError(f"SSIM needs two 2-D images of one shape, got {a.shape} and {b.shape}")
-    radius = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)  # 5: the window is 11 x 11
-    if min(a.shape) <= 2 * radius:
-        raise ImageInputError(f"image {a.shape} too small for an {2 * radius + 1}-px SSIM window")
+def _local_mean(x: np.ndarray) -> np.ndarray:
+    return gaussian_filter(x, sigma=SSIM_SIGMA, truncate=SSIM_TRUNCATE, mode="reflect")
 
-    def local_mean(x: np.ndarray) -> np.ndarray:
-        return gaussian_filter(x, sigma=SSIM_SIGMA, truncate=SSIM_TRUNCATE, mode="reflect")
 
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    mu_a, mu_b = local_mean(a), local_mean(b)
-    var_a = local_mean(a * a) - mu_a * mu_a  # population (biased) local variances
-    var_b = local_mean(b * b) - mu_b * mu_b
-    cov = local_mean(a * b) - mu_a * mu_b
+def _ssim_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x, local mean of x, local mean of x^2): one image's share of SSIM, float64."""
+    x = np.asarray(x, dtype=np.float64)
+    return x, _local_mean(x), _local_mean(x * x)
+
+
+def _ssim_from_moments(a: tuple[np.ndarray, np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray, np.ndarray],
+                       data_range: float = 1.0) -> float:
+    (a, mu_a, sq_a), (b, mu_b, sq_b) = a, b
+    var_a = sq_a - mu_a * mu_a  # population (biased) local variances
+    var_b = sq_b - mu_b * mu_b
+    cov = _local_mean(a * b) - mu_a * mu_b
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
     ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
-    inner = ssim_map[radius:-radius, radius:-radius]  # where the window lies fully inside the image
+    inner = ssim_map[SSIM_RADIUS:-SSIM_RADIUS, SSIM_RADIUS:-SSIM_RADIUS]  # where the window lies fully inside the image
     return float(inner.mean())
+
+
+def _check_ssim_shapes(a: np.ndarray, b: np.ndarray) -> None:
+    if a.shape != b.shape or a.ndim != 2:
+        raise ImageInputError(f"SSIM needs two 2-D images of one shape, got {a.shape} and {b.shape}")
+    if min(a.shape) <= 2 * SSIM_RADIUS:
+        raise ImageInputError(f"image {a.shape} too small for an {2 * SSIM_RADIUS + 1}-px SSIM window")
+
+
+def ssim_gray(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
+    """Mean SSIM of two 2-D images (Wang et al. 2004) with Gaussian weights as MindEye uses it."""
+    _check_ssim_shapes(a, b)
+    return _ssim_from_moments(_ssim_moments(a), _ssim_moments(b), data_range)
 
 
 def two_way_identification(pred_features: torch.Tensor | np.ndarray, target_features: torch.Tensor | np.ndarray
@@ -175,43 +206,68 @@ def score_images(pred: Any, target: Any, feature_nets: Sequence[FeatureNet] | No
       nets whose `weights` paths are given (keys alexnet, inception, effnet_b1, swav, clip).
     Returns {"metrics": {"PixCorr", "SSIM", "TwoWay-<net>"...}, "info": {...}}.
     """
-    preds = as_uint8_list(pred, "predictions")
+    return score_image_sets({"": pred}, target, feature_nets, weights=weights, size=size)[""]
+
+
+def score_image_sets(predictions: Mapping[str, Any], target: Any, feature_nets: Sequence[FeatureNet] | None = None,
+                     *, weights: Mapping[str, str | os.PathLike | None] | None = None, size: int = EVAL_SIZE
+                     ) -> dict[str, dict[str, Any]]:
+    """`score_images` of several prediction sets against the same targets: {name: pred} -> {name: result}.
+
+    The targets are resized and their SSIM share (local means) computed once for all sets, and the
+    per-image SSIM work runs on torch's thread count (SciPy's filters and NumPy release the GIL).
+    Every number is the one `score_images` gives for that set alone.
+    """
+    what = {name: f"{name} predictions".strip() for name in predictions}  # score_images: "predictions"
+    sets = {name: as_uint8_list(pred, what[name]) for name, pred in predictions.items()}
     targets = as_uint8_list(target, "targets")
-    if len(preds) != len(targets):
-        raise ImageInputError(f"{len(preds)} predictions but {len(targets)} targets")
-    if len(preds) < 2:
-        raise ImageInputError(f"need at least 2 image pairs, got {len(preds)}")
+    for name, preds in sets.items():
+        if len(preds) != len(targets):
+            raise ImageInputError(f"{len(preds)} {what[name]} but {len(targets)} targets")
+    if len(targets) < 2:
+        raise ImageInputError(f"need at least 2 image pairs, got {len(targets)}")
     unavailable: dict[str, str] = {}
     if feature_nets is None:
         feature_nets, unavailable = build_feature_nets(dict(weights or {}))
 
-    metrics: dict[str, float] = {}
-    pixcorr, ssim = [], []
-    for start in range(0, len(preds), 64):  # chunks: 64 x 3 x 425 x 425 float64 is ~280 MB
-        p = _stack_resized(preds[start:start + 64], size)
-        t = _stack_resized(targets[start:start + 64], size)
-        pixcorr.extend(pixcorr_per_image(p, t))
-        ssim.extend(ssim_gray(a, b) for a, b in zip(rgb_to_gray(p), rgb_to_gray(t)))
-    metrics["PixCorr"] = float(np.mean(pixcorr))
-    metrics["SSIM"] = float(np.mean(ssim))
+    pixcorr: dict[str, list[float]] = {name: [] for name in sets}
+    ssim: dict[str, list[float]] = {name: [] for name in sets}
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        for start in range(0, len(targets), 64):  # chunks: 64 x 3 x 425 x 425 float64 is ~280 MB
+            t = _stack_resized(targets[start:start + 64], size)
+            t_gray = rgb_to_gray(t)
+            _check_ssim_shapes(t_gray[0], t_gray[0])
+            t_moments = list(pool.map(_ssim_moments, t_gray))
+            t_rows = _centred_rows(t)
+            del t
+            for name, preds in sets.items():
+                p = _stack_resized(preds[start:start + 64], size)
+                pixcorr[name].extend(pixcorr_per_image(p, t_rows))
+                p_moments = pool.map(_ssim_moments, rgb_to_gray(p))
+                ssim[name].extend(pool.map(_ssim_from_moments, p_moments, t_moments))
 
-    pred_batch, target_batch = _stack_uint8(preds), _stack_uint8(targets)
-    for net in feature_nets:
-        metrics[f"TwoWay-{net.name}"] = two_way_identification(net.features(pred_batch), net.features(target_batch))
-
-    n_constant = int(sum(float(im.double().std()) == 0.0 for im in preds + targets))
-    info = {
-        "n_images": len(preds),
-        "size": size,
-        "pixcorr": f"Pearson r of flattened RGB at {size}x{size} (bilinear), mean over pairs; constant image -> 0",
-        "ssim": (f"grayscale {GRAY_WEIGHTS} at {size}x{size}, Gaussian sigma {SSIM_SIGMA} (truncate {SSIM_TRUNCATE}), "
-                 f"population covariance, data range 1, K1 {SSIM_K1}, K2 {SSIM_K2}"),
-        "two_way": "MindEye: corr(target_i, pred_j) < corr(target_j, pred_j) over i != j, mean / (N-1)",
-        "feature_nets": {net.name: net.description for net in feature_nets},
-        "feature_nets_unavailable": unavailable,
-        "n_constant_images": n_constant,
-    }
-    return {"metrics": metrics, "info": info}
+    results = {}
+    target_batch = _stack_uint8(targets)
+    for name, preds in sets.items():
+        metrics = {"PixCorr": float(np.mean(pixcorr[name])), "SSIM": float(np.mean(ssim[name]))}
+        pred_batch = _stack_uint8(preds)
+        for net in feature_nets:  # a net keeps features per image: the targets' are computed once
+            metrics[f"TwoWay-{net.name}"] = two_way_identification(net.features(pred_batch),
+                                                                   net.features(target_batch))
+        n_constant = int(sum(float(im.double().std()) == 0.0 for im in preds + targets))
+        info = {
+            "n_images": len(preds),
+            "size": size,
+            "pixcorr": f"Pearson r of flattened RGB at {size}x{size} (bilinear), mean over pairs; constant image -> 0",
+            "ssim": (f"grayscale {GRAY_WEIGHTS} at {size}x{size}, Gaussian sigma {SSIM_SIGMA} (truncate {SSIM_TRUNCATE}), "
+                     f"population covariance, data range 1, K1 {SSIM_K1}, K2 {SSIM_K2}"),
+            "two_way": "MindEye: corr(target_i, pred_j) < corr(target_j, pred_j) over i != j, mean / (N-1)",
+            "feature_nets": {net.name: net.description for net in feature_nets},
+            "feature_nets_unavailable": unavailable,
+            "n_constant_images": n_constant,
+        }
+        results[name] = {"metrics": metrics, "info": info}
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,12 +301,26 @@ def read_image_folder(folder: str | os.PathLike, keys: Sequence[str] | Mapping[s
 
 def score_image_folders(pred_dir: str | os.PathLike, target_dir: str | os.PathLike, **kwargs) -> dict[str, Any]:
     """Pair `<pred_dir>/<key>.png` with `<target_dir>/<key>.png` over the keys of `pred_dir`."""
-    preds = read_image_folder(pred_dir)
-    targets = read_image_folder(target_dir, keys=list(preds))
-    extra = sorted(set(read_image_folder(target_dir)) - set(preds))
-    result = score_images([preds[k] for k in preds], [targets[k] for k in preds], **kwargs)
-    result["info"]["keys_without_prediction"] = len(extra)
-    return result
+    return score_image_folder_sets({"": pred_dir}, target_dir, **kwargs)[""]
+
+
+def score_image_folder_sets(pred_dirs: Mapping[str, str | os.PathLike], target_dir: str | os.PathLike, **kwargs
+                            ) -> dict[str, dict[str, Any]]:
+    """`score_image_folders` of several prediction folders against one target folder, {name: result}:
+    folders with the same keys are scored together (`score_image_sets`)."""
+    preds = {name: read_image_folder(folder) for name, folder in pred_dirs.items()}
+    by_keys: dict[tuple[str, ...], list[str]] = {}
+    for name, images in preds.items():
+        by_keys.setdefault(tuple(images), []).append(name)
+    results = {}
+    for keys, names in by_keys.items():
+        targets = read_image_folder(target_dir, keys=keys)
+        extra = set(read_image_folder(target_dir)) - set(keys)
+        scored = score_image_sets({n: [preds[n][k] for k in keys] for n in names}, [targets[k] for k in keys], **kwargs)
+        for name, result in scored.items():
+            result["info"]["keys_without_prediction"] = len(extra)
+            results[name] = result
+    return {name: results[name] for name in pred_dirs}
 
 
 def build_parser() -> argparse.ArgumentParser:
