@@ -23,6 +23,11 @@ The shared positional embedding is computed from each patch's centroid in mm (Fo
 MLP), so tokens from different subjects that lie in the same place get similar positions. With
 `center_coords` the coordinates are taken relative to the subject's ROI centroid first: native-space
 origins differ by centimetres between subjects, ROI centroids of one ROI definition much less.
+With `distance_bias` every attention head (encoder and decoder) also adds -k_h * d^2 to its logits,
+d the mm distance between two tokens' patch centroids, k_h learned per head (starting widths 8-64
+mm): the heads start local, so a hidden patch reads its neighbours from the first step (on the
+simulated study, a 300-step MAE without it stayed at "predict the mean"; docs/stage1.md). Off by
+default, so exports written before it load unchanged.
 
 MAE pretraining (`forward_mae`), as in He et al. 2022 / MinD-Vis: per sample, a random
 (1 - mask_ratio) of the tokens is kept; the encoder sees only those; the shared decoder gets the
@@ -82,6 +87,7 @@ class BrainEncoderConfig:
     pos_min_wavelength_mm: float = 4.0
     pos_max_wavelength_mm: float = 256.0
     center_coords: bool = True    # coordinates relative to the subject's ROI centroid
+    distance_bias: bool = False   # attention logits - k_h * (distance between token centroids)^2, k_h learned
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -287,34 +293,52 @@ def position_mlp(in_dim: int, width: int) -> nn.Sequential:
 
 
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int):
+    """Multi-head self-attention; with `distance_bias`, head h adds -k_h * d_ij^2 to its logits
+    (d_ij: mm distance between the tokens' patch centroids), k_h learned, starting from widths
+    sqrt(1 / 2k_h) geometric in [8, 64] mm: local heads from the first step (neighbouring patches
+    carry most of what a hidden patch holds), free to widen or narrow."""
+
+    def __init__(self, width: int, heads: int, distance_bias: bool = False):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
+        self.log_k = None
+        if distance_bias:
+            sigma_mm = torch.logspace(math.log10(8.0), math.log10(64.0), heads)
+            self.log_k = nn.Parameter(-torch.log(2 * sigma_mm ** 2))   # (H,)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, dist2: Tensor | None = None) -> Tensor:
+        """x (B, T, D); dist2 (B or 1, T, T) squared centroid distances in mm^2 (used with distance_bias)."""
         B, T, D = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                   # each (B, H, T, D/H)
-        x = F.scaled_dot_product_attention(q, k, v)               # flash / efficient kernels
+        bias = None
+        if self.log_k is not None and dist2 is not None:
+            bias = (-self.log_k.exp()[:, None, None] * dist2[:, None]).to(q.dtype)  # (B|1, H, T, T)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # flash / efficient kernels
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, eps: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, eps: float, distance_bias: bool = False):
         super().__init__()
         hidden = int(width * mlp_ratio)
         self.norm1 = nn.LayerNorm(width, eps=eps)
-        self.attn = Attention(width, heads)
+        self.attn = Attention(width, heads, distance_bias)
         self.norm2 = nn.LayerNorm(width, eps=eps)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: Tensor, dist2: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), dist2)
         return x + self.mlp(self.norm2(x))
+
+
+def squared_distances(centroids: Tensor) -> Tensor:
+    """(..., T, 3) mm -> (..., T, T) squared pairwise distances."""
+    return (centroids[..., :, None, :] - centroids[..., None, :, :]).pow(2).sum(-1)
 
 
 class MAEDecoder(nn.Module):
@@ -326,8 +350,8 @@ class MAEDecoder(nn.Module):
         self.embed = nn.Linear(cfg.width, cfg.decoder_width)
         self.mask_token = nn.Parameter(torch.zeros(cfg.decoder_width))
         self.pos = position_mlp(fourier_dim, cfg.decoder_width)
-        self.blocks = nn.ModuleList(Block(cfg.decoder_width, cfg.decoder_heads, mlp_ratio, cfg.layer_norm_eps)
-                                    for _ in range(cfg.decoder_depth))
+        self.blocks = nn.ModuleList(Block(cfg.decoder_width, cfg.decoder_heads, mlp_ratio, cfg.layer_norm_eps,
+                                          cfg.distance_bias) for _ in range(cfg.decoder_depth))
         self.norm = nn.LayerNorm(cfg.decoder_width, eps=cfg.layer_norm_eps)
         self.to_subject = nn.Linear(cfg.decoder_width, cfg.subject_dim)  # shared D_dec -> r
         self.heads = nn.ModuleDict()                                      # subject -> SubjectHead
@@ -363,7 +387,7 @@ class BrainEncoder(nn.Module):
         self.tokenizers = nn.ModuleDict()                                # subject -> SubjectTokenizer
         self.from_subject = nn.Linear(cfg.subject_dim, cfg.width)        # shared r -> D
         self.pos = position_mlp(self.fourier.out_dim, cfg.width)
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.layer_norm_eps)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.layer_norm_eps, cfg.distance_bias)
                                     for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.decoder = MAEDecoder(cfg, self.fourier.out_dim) if with_decoder else None
@@ -460,8 +484,9 @@ class BrainEncoder(nn.Module):
         tok = self._tokenizer(subject)
         patches = tok.patchify(self._check_fmri(fmri, subject, tok))             # (B, N, P)
         x = self._embed(tok, patches, self.fourier(tok.centroids_mm))             # (B, N, D)
+        dist2 = squared_distances(tok.centroids_mm)[None] if self.config.distance_bias else None  # (1, N, N)
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, dist2)
         return self.norm(x)
 
     def forward_mae(self, fmri: Tensor, subject: str, mask_ratio: float | None = None,
@@ -490,8 +515,12 @@ class BrainEncoder(nn.Module):
         noise = torch.rand(B, N, device=patches.device, generator=generator)
         keep = noise.argsort(dim=1)[:, :n_keep]                            # (B, K) kept token ids
         x = torch.gather(x, 1, keep[:, :, None].expand(-1, -1, x.shape[2]))  # (B, K, D)
+        dist2 = dec_dist2 = None
+        if self.config.distance_bias:
+            dec_dist2 = squared_distances(tok.centroids_mm)[None]             # (1, N, N)
+            dist2 = dec_dist2[0][keep[:, :, None], keep[:, None, :]]          # (B, K, K) kept tokens
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, dist2)
         x = self.norm(x)                                                   # (B, K, D)
 
         dec = self.decoder
@@ -501,7 +530,7 @@ class BrainEncoder(nn.Module):
         y = full.scatter(1, keep[:, :, None].expand(-1, -1, y.shape[2]), y)  # (B, N, Dd)
         y = y + dec.pos(fourier).to(y.dtype)
         for blk in dec.blocks:
-            y = blk(y)
+            y = blk(y, dec_dist2)
         pred = dec.heads[subject](dec.to_subject(dec.norm(y))).float()    # (B, N, P)
 
         patch_mask = torch.ones(B, N, dtype=torch.bool, device=patches.device)

@@ -15,7 +15,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from mindsemantix.models.brain_encoder import BrainEncoder, BrainEncoderConfig
-from mindsemantix.stages.base import StageModule
+from mindsemantix.stages.base import StageModule, fused_adamw_ok
 
 
 def masked_pearson(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -38,13 +38,18 @@ class BrainMAE(StageModule):
         train_only_new_subjects: with `init_from`, freeze everything except the input layers and
             output heads of subjects the export does not have (fitting a new subject).
         val_mask_seed: validation masks come from this seed, so val losses are comparable.
+        subject_lr_scale: learning-rate multiplier of the subject-specific layers (tokenizers and
+            output heads). A batch holds one subject, so each subject's per-patch maps get a gradient
+            in only ~1/n_subjects of the steps, and Adam moves a weight by about lr per update: at the
+            shared lr they barely leave their (shared) start in a short run. They carry what is
+            specific to a subject's voxels (e.g. its low-rank noise and response covariance).
         n_plot_samples: validation samples shown in `mae_reconstruction.png` at the end of fit.
         **kwargs: optimisation / export settings of StageModule (lr, warmup_steps, export_dir, ...).
     """
 
     def __init__(self, preset: str = "tiny", encoder: dict[str, Any] | None = None, init_from: str | None = None,
                  train_only_new_subjects: bool = False, val_mask_seed: int = 1234, n_plot_samples: int = 3,
-                 lr: float = 2.5e-4, weight_decay: float = 0.05, **kwargs: Any):
+                 subject_lr_scale: float = 1.0, lr: float = 2.5e-4, weight_decay: float = 0.05, **kwargs: Any):
         super().__init__(lr=lr, weight_decay=weight_decay, **kwargs)
         self.save_hyperparameters()
         if train_only_new_subjects and not init_from:
@@ -73,6 +78,21 @@ class BrainMAE(StageModule):
             if name not in self.val_corr:
                 self.val_corr[name] = MeanMetric().to(self.device)
                 self.add_module(f"val_corr_{name.replace('-', '_')}", self.val_corr[name])
+
+    def configure_optimizers(self):
+        """AdamW as in StageModule (no decay on biases, norms, scales), subject layers at
+        lr * subject_lr_scale; the warm-up + cosine schedule scales every group alike."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        subject_ids = {id(p) for s in self.encoder.subjects for p in self.encoder.subject_parameters(s)}
+        groups = []
+        for subject in (False, True):
+            for decay in (True, False):
+                ps = [p for p in params if (id(p) in subject_ids) == subject and (p.ndim >= 2) == decay]
+                if ps:
+                    groups.append({"params": ps, "weight_decay": self.weight_decay if decay else 0.0,
+                                   "lr": self.lr * (self.hparams.subject_lr_scale if subject else 1.0)})
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused_adamw_ok(params))
+        return self.with_schedule(optimizer)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         out = self.encoder.forward_mae(batch["fmri"], batch["subject"])
