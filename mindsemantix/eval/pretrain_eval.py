@@ -95,8 +95,9 @@ class Wiener:
         return out
 
 
-def fit_wiener(x: np.ndarray, voxel_patch: np.ndarray, mask_ratio: float, shrinks: Sequence[float] = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8),
-               n_holdout: int = 100, seed: int = 0) -> Wiener:
+def fit_wiener(x: np.ndarray, voxel_patch: np.ndarray, mask_ratio: float,
+               shrinks: Sequence[float] = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95), n_holdout: int = 100,
+               seed: int = 0) -> Wiener:
     """Covariance of x (N, V) shrunk as (1 - s) S + s diag(S); s maximises the masked correlation on
     `n_holdout` held-out samples under random patch masks (voxel_patch (V,): each voxel's token)."""
     rng = np.random.default_rng(seed)
@@ -380,7 +381,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", nargs="+", default=None, help="shard datasets (default: those of the run that wrote the export)")
     p.add_argument("--truth", type=Path, default=None, help="simulator truth.hdf5 for the probe (default: no probe)")
     p.add_argument("--out", required=True, type=Path, help="JSON to write (and a .md table beside it)")
-    p.add_argument("--split", default="val", help="split for masked reconstruction (default val, as training's metric)")
+    p.add_argument("--split", choices=["val", "test"], default="val",
+                   help="split for masked reconstruction (default val, as training's metric)")
     p.add_argument("--probe-train-split", default="train")
     p.add_argument("--probe-test-split", default="test")
     p.add_argument("--targets", default=DEFAULT_TARGETS, help="regex over truth target names (default: scene + object0)")
@@ -408,7 +410,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--data not given and {args.export.parent / 'config.yaml'} names no datasets")
     for d in data:
         if not (Path(d) / "manifest.json").is_file():
-            raise FileNotFoundError(f"{d}: not a shard dataset (manifest.json missing)")
+            origin = "" if args.data else f" (named by {args.export.parent / 'config.yaml'}; give --data to override)"
+            raise FileNotFoundError(f"{d}: not a shard dataset (manifest.json missing){origin}")
     if args.truth is not None and not args.truth.is_file():
         raise FileNotFoundError(f"--truth {args.truth}: no such file")
     batch_size = args.batch_size or defaults.get("batch_size", 32)
@@ -422,7 +425,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         random_init.add_subject(s, pretrained.tokenizers[s].coords_mm)
     encoders = {"pretrained": pretrained, "random_init": random_init}
 
-    dm = BrainDataModule(data, batch_size=batch_size, verify="none", subjects=None)
+    dm = BrainDataModule(data, batch_size=batch_size, verify="none")  # the val loader of training
     dm.setup("validate")
     info = dm.subject_info()
     missing = sorted(set(info) - set(pretrained.subjects))
@@ -436,7 +439,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         wiener = {s: fit_wiener(train[s]["x"], pretrained.tokenizers[s].voxel_patch.numpy(), pretrained.config.mask_ratio,
                                 n_holdout=min(100, len(train[s]["x"]) // 4), seed=seed)
                   for s in tqdm(sorted(train), desc="fitting Wiener reference", unit="subject")}
-    loader = dm._loader(args.split, train=False)
+    loader = dm.val_dataloader() if args.split == "val" else dm.test_dataloader()
     corr = masked_reconstruction(encoders, loader, coords, train_mean, mask_seed, args.neighbours, wiener, total=len(loader))
     result: dict[str, Any] = {
         "export": str(args.export), "data": [str(d) for d in data], "split": args.split,
