@@ -214,21 +214,34 @@ def test_two_phases_checkpoints_exports_and_caption_jsonl(stage2_inputs):
                                gen.query_outputs(batch["fmri"], batch["subject"]))
     assert rebuilt.bridge.query_group == 2
 
-    # ITM reranking: of the LLM's 3 best beams, the one the matching head scores highest (checked one
-    # candidate at a time, so a mix-up of the batched candidate order would show)
+    # Reranking: of the LLM's 3 best beams (or 3 samples), the one the Q-Former scores highest, by
+    # ITC similarity (default) or ITM, checked one candidate at a time, so a mix-up of the batched
+    # candidate order would show
     fmri, subject = batch["fmri"][:3], batch["subject"]
     brain, bias = gen.brain_inputs(fmri, subject)
-    beams = gen.bridge.generate(gen.qformer.encode_brain(brain, bias), max_new_tokens=6, num_beams=3,
-                                num_return_sequences=3)
-    assert len(beams) == 9
-    chosen = gen.caption(fmri, subject, rerank=3)
-    for i in range(3):
-        scores = []
-        for c in beams[3 * i:3 * i + 3]:
-            ids, mask = gen.qformer.tokenize([c or "."])
-            q, _ = gen.qformer.encode_joint(brain[i:i + 1], ids, mask, causal=False, query_bias=bias[i:i + 1])
-            scores.append(gen.qformer.itm_logits(q).softmax(-1)[0, 1].item())
-        assert chosen[i] == beams[3 * i + max(range(3), key=scores.__getitem__)]
+    query_out = gen.qformer.encode_brain(brain, bias)
+
+    def itc(i, c):
+        ids, mask = gen.qformer.tokenize([c or "."])
+        text = gen.qformer.text_embedding(gen.qformer.encode_text(ids, mask), mask)      # (1, E)
+        return (gen.qformer.brain_embedding(query_out[i:i + 1])[0] @ text[0]).max().item()
+
+    def itm(i, c):
+        ids, mask = gen.qformer.tokenize([c or "."])
+        q, _ = gen.qformer.encode_joint(brain[i:i + 1], ids, mask, causal=False, query_bias=bias[i:i + 1])
+        return gen.qformer.itm_logits(q).softmax(-1)[0, 1].item()
+
+    beams = gen.bridge.generate(query_out, max_new_tokens=6, num_beams=3, num_return_sequences=3)
+    samples = gen.bridge.generate(query_out, max_new_tokens=6, do_sample=True, generator_seed=0, num_return_sequences=3)
+    assert len(beams) == len(samples) == 9
+    for candidates, score, kwargs in [(beams, itc, {}), (beams, itm, {"rerank_by": "itm"}),
+                                      (samples, itc, {"do_sample": True, "generator_seed": 0})]:
+        chosen = gen.caption(fmri, subject, rerank=3, **kwargs)
+        for i in range(3):
+            mine = candidates[3 * i:3 * i + 3]
+            assert chosen[i] == max(mine, key=lambda c: score(i, c)), (kwargs, mine)
+    with pytest.raises(ValueError, match="rerank_by must be one of"):
+        gen.caption(fmri, subject, rerank=3, rerank_by="bleu")
     with pytest.raises(ValueError, match="query_group 3 must divide"):
         BrainAlign(init_from=str(root / "rep" / "export"), phase="generative", llm="random:tiny", query_group=3)
     # Resuming from the checkpoint restores the trained weights without the LLM's

@@ -52,6 +52,7 @@ EXPORT_KIND = "brain_align"
 PHASES = ("representation", "generative")
 LOSSES = ("itc", "itm", "itg", "vision", "lm")
 TINY_RANDOM_LLM = "random:tiny"  # a 2-layer random Llama: tests and dry runs only
+RERANK_SCORES = ("itc", "itm")  # how `generation.rerank` picks among the LLM's candidates
 DEFAULT_GENERATION = {"max_new_tokens": 30, "min_new_tokens": 1, "num_beams": 1, "do_sample": False}
 
 
@@ -113,6 +114,8 @@ class BrainAlign(StageModule):
         self.phase = phase
         self.weights = {**default_loss_weights(phase, vision_encoder is not None), **(loss_weights or {})}
         self.generation = {**DEFAULT_GENERATION, **(generation or {})}
+        if self.generation.get("rerank_by", "itc") not in RERANK_SCORES:
+            raise ValueError(f"generation.rerank_by must be one of {RERANK_SCORES}, got {self.generation['rerank_by']!r}")
         self.train_brain_encoder = train_brain_encoder
 
         init_config, init_tensors = load_export(init_from, EXPORT_KIND) if init_from else ({}, {})
@@ -257,30 +260,48 @@ class BrainAlign(StageModule):
 
     @torch.no_grad()
     def caption(self, fmri: Tensor, subject: str, **generation: Any) -> list[str]:
-        """One caption per sample: the LLM's (generative phase) or the ITG decoder's. `rerank: K` in
-        the generation settings has the LLM propose K captions (the K best beams) and keeps the one
-        the Q-Former's matching head (ITM) finds most likely to belong to this brain response, as
-        BLIP ranks candidates with ITM."""
+        """One caption per sample: the LLM's (generative phase) or the ITG decoder's.
+
+        `rerank: K` in the generation settings has the LLM propose K captions (its K best beams, or
+        K samples with `do_sample`) and keeps the one the Q-Former scores as the best match to this
+        brain response, as BLIP ranks candidates: `rerank_by: itc` (default) by the brain-text
+        contrastive similarity, `itm` by the matching head (only if a phase trained it)."""
         brain, bias = self.brain_inputs(fmri, subject)
         if self.bridge is None:
             return self.qformer.generate(brain, query_bias=bias)
         settings = {**self.generation, **generation}
-        K = int(settings.pop("rerank", 0) or 0)
+        K, by = int(settings.pop("rerank", 0) or 0), settings.pop("rerank_by", "itc")
+        if by not in RERANK_SCORES:
+            raise ValueError(f"rerank_by must be one of {RERANK_SCORES}, got {by!r}")
         query_out = self.qformer.encode_brain(brain, bias)                            # (B, Q, H)
         if K <= 1:
             return self.bridge.generate(query_out, **settings)
-        settings.update(num_beams=max(K, settings.get("num_beams", 1)), num_return_sequences=K)
-        candidates = self.bridge.generate(query_out, **settings)                     # B*K, sample-major
-        return [c[i] for c, i in zip(_chunks(candidates, K), self.itm_choice(brain, bias, candidates, K).tolist())]
+        if not settings.get("do_sample"):
+            settings["num_beams"] = max(K, settings.get("num_beams", 1))
+        candidates = self.bridge.generate(query_out, **settings, num_return_sequences=K)  # B*K, sample-major
+        scores = (self.itc_scores(query_out, candidates) if by == "itc"
+                  else self.itm_scores(brain, bias, candidates))                       # (B*K,)
+        best = scores.view(-1, K).argmax(1)                                            # (B,)
+        return [candidates[i * K + j] for i, j in enumerate(best.tolist())]
 
     @torch.no_grad()
-    def itm_choice(self, brain: Tensor, bias: Tensor | None, candidates: list[str], K: int) -> Tensor:
-        """Index (B,) of the candidate with the highest ITM match probability, K candidates per sample."""
-        ids, mask = self.qformer.tokenize([c or "." for c in candidates], brain.device)       # (B*K, T)
+    def itc_scores(self, query_out: Tensor, candidates: list[str]) -> Tensor:
+        """Brain-text similarity (max over queries of the cosine, as ITC) of each of K candidates per
+        sample: query_out (B, Q, H), B*K captions sample-major -> (B*K,)."""
+        ids, mask = self.qformer.tokenize([c or "." for c in candidates], query_out.device)      # (B*K, T)
+        text = self.qformer.text_embedding(self.qformer.encode_text(ids, mask), mask)           # (B*K, E)
+        brain = self.qformer.brain_embedding(query_out)                                         # (B, Q, E)
+        brain = brain.repeat_interleave(len(candidates) // len(query_out), dim=0)               # (B*K, Q, E)
+        return torch.einsum("nqe,ne->nq", brain, text).amax(1)
+
+    @torch.no_grad()
+    def itm_scores(self, brain: Tensor, bias: Tensor | None, candidates: list[str]) -> Tensor:
+        """ITM match probability of each of K candidates per sample: brain (B, N, D) -> (B*K,)."""
+        K = len(candidates) // len(brain)
+        ids, mask = self.qformer.tokenize([c or "." for c in candidates], brain.device)         # (B*K, T)
         repeat = lambda x: None if x is None else x.repeat_interleave(K, dim=0)  # noqa: E731
         query_out, _ = self.qformer.encode_joint(repeat(brain), ids, mask, causal=False, query_bias=repeat(bias))
-        match = self.qformer.itm_logits(query_out).softmax(-1)[:, 1]                 # (B*K,)
-        return match.view(-1, K).argmax(1)
+        return self.qformer.itm_logits(query_out).softmax(-1)[:, 1]
 
     def vision_features(self, batch: dict[str, Any]) -> Tensor:
         """(B, vision_dim) pooled features of the seen images, computed once per image id."""
@@ -412,10 +433,6 @@ class BrainAlign(StageModule):
                           max_caption_tokens=llm["max_caption_tokens"], lora=llm["lora"],
                           query_group=llm.get("query_group", 1))
         return cls(**{**kwargs, **overrides}).eval()
-
-
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _all_tensors(module: nn.Module) -> dict[str, Tensor]:
