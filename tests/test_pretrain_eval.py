@@ -11,6 +11,7 @@ import torch
 
 from mindsemantix.eval.baselines import fit_ridge
 from mindsemantix.eval.pretrain_eval import (
+    few_samples,
     fit_wiener,
     main,
     neighbour_interpolate,
@@ -120,6 +121,26 @@ def test_cli_writes_json_and_table(tiny_study, tmp_path, capsys):
     assert all(np.isfinite(probe["object0.x"][f]) for f in cols)
     assert "| neighbour_interp |" in out.with_suffix(".md").read_text().replace(" | **", " |")
     assert "mean of subjects" in capsys.readouterr().out
+
+
+def test_probe_train_size_fits_on_a_seeded_subset(tiny_study, tmp_path):
+    data, export, truth = tiny_study
+    outs = []
+    for name in ("a", "b"):
+        outs.append(tmp_path / f"{name}.json")
+        assert main(["--export", str(export), "--truth", str(truth), "--out", str(outs[-1]), "--targets", ".",
+                     "--probe-train-size", "10", "--no-wiener"]) == 0
+    full = tmp_path / "full.json"
+    assert main(["--export", str(export), "--truth", str(truth), "--out", str(full), "--targets", ".", "--no-wiener"]) == 0
+    a, b, f = (json.loads(p.read_text())["probe"] for p in (*outs, full))
+    assert a["train_size"] == 10 and f["train_size"] is None
+    assert a["per_subject"] == b["per_subject"]                 # seeded: the same subset twice
+    assert a["per_subject"] != f["per_subject"]                 # and not the whole split
+    assert "10 samples per subject" in outs[0].with_suffix(".md").read_text()
+    sub = few_samples({"x": np.arange(20)[:, None], "image_id": np.arange(20)}, 5, seed=0)
+    assert len(sub["x"]) == 5 and np.all(np.diff(sub["image_id"]) > 0) and np.array_equal(sub["x"][:, 0], sub["image_id"])
+    with pytest.raises(ValueError, match="only 20 samples"):
+        few_samples({"image_id": np.arange(20)}, 21, seed=0)
 
 
 def test_cli_errors_clearly_on_missing_inputs(tiny_study, tmp_path, capsys):

@@ -272,6 +272,17 @@ def probe_scores(x_train: np.ndarray, x_test: np.ndarray, targets_train: dict[st
     return out
 
 
+def few_samples(split: dict[str, np.ndarray], n: int, seed: int) -> dict[str, np.ndarray]:
+    """A seeded random subset of n samples (in their original order) of one subject's split arrays."""
+    if n < 3:
+        raise ValueError(f"--probe-train-size {n}: a probe needs at least 3 training samples")
+    count = len(split["image_id"])
+    if n > count:
+        raise ValueError(f"--probe-train-size {n}: the training split has only {count} samples for a subject")
+    keep = np.sort(np.random.default_rng(seed).permutation(count)[:n])
+    return {k: v[keep] for k, v in split.items()}
+
+
 @torch.no_grad()
 def encoder_tokens(encoder, subject: str, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Frozen, unmasked encoder output: x (N, V) -> tokens (N, T, D)."""
@@ -362,7 +373,8 @@ def markdown(result: dict[str, Any]) -> str:
     probe = result.get("probe")
     if probe:
         cols = probe["columns"]
-        lines += ["", f"Linear probe (ridge, leave-one-out penalty on `{probe['train_split']}`, scored on "
+        size = f", {probe['train_size']} samples per subject" if probe.get("train_size") else ""
+        lines += ["", f"Linear probe (ridge, leave-one-out penalty on `{probe['train_split']}`{size}, scored on "
                   f"`{probe['test_split']}`; frozen unmasked encoder, tokens `_mean`-pooled or `_all` kept; "
                   "accuracy or R^2, mean of subjects):", "",
                   "| target | metric | chance | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
@@ -385,6 +397,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="split for masked reconstruction (default val, as training's metric)")
     p.add_argument("--probe-train-split", default="train")
     p.add_argument("--probe-test-split", default="test")
+    p.add_argument("--probe-train-size", type=int, default=None,
+                   help="fit the probes on this many training samples per subject (seeded random subset; "
+                        "default all): does pretraining help when labels are few?")
     p.add_argument("--targets", default=DEFAULT_TARGETS, help="regex over truth target names (default: scene + object0)")
     p.add_argument("--pool", nargs="+", choices=["mean", "all"], default=["mean", "all"],
                    help="probe encoder features: tokens mean-pooled (N, D) and/or all tokens (N, T*D)")
@@ -455,6 +470,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         subjects = sorted(s for s in test if s in probe_train)
         for s in tqdm(subjects, desc="linear probes", unit="subject"):
             tr, te = probe_train[s], test[s]
+            if args.probe_train_size is not None:
+                tr = few_samples(tr, args.probe_train_size, seed)
             ids = np.concatenate([tr["image_id"], te["image_id"]])
             if ids.min() < 0 or ids.max() >= len(features):
                 continue  # not a subject of the simulated study (e.g. an image-less corpus)
@@ -477,7 +494,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         overall = {t: {"metric": some[t]["metric"]}
                    | {k: float(np.mean([r[t][k] for r in per_subject.values() if t in r])) for k in ["chance"] + columns}
                    for t in some}
-        result["probe"] = {"train_split": args.probe_train_split, "test_split": args.probe_test_split, "pools": args.pool,
+        result["probe"] = {"train_split": args.probe_train_split, "train_size": args.probe_train_size,
+                           "test_split": args.probe_test_split, "pools": args.pool,
                            "columns": columns, "truth": str(args.truth), "per_subject": per_subject,
                            "overall_mean_of_subjects": overall}
     return result
