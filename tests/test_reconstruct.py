@@ -140,3 +140,29 @@ def test_missing_captions_fail_clearly(stage3_inputs, tmp_path):
     m = model(s, captions=str(partial), predict_dir=str(tmp_path / "p"))
     with pytest.raises(KeyError, match="no caption for"):
         trainer(tmp_path / "t").predict(m, datamodule=datamodule(s))
+
+
+def test_full_averages_candidates_and_best_needs_an_embedding(stage3_inputs, tmp_path):
+    """combine_candidates mean: each full PNG is the pixel mean of the img2img samples seeded key,
+    key#1, key#2 (not one of them, not another seed's); best without an embedding fails at once."""
+    s = stage3_inputs
+    m = model(s, n_candidates=3, variants=["full"], predict_dir=str(tmp_path / "p"))
+    trainer(tmp_path / "t").predict(m, datamodule=datamodule(s))
+    batch = next(iter(datamodule(s).predict_dataloader()))
+    keys = list(batch["key"])
+    m.eval()  # predict ran in eval mode (the head has dropout); Lightning restores train mode afterwards
+    with torch.no_grad():
+        latents = m(batch["fmri"], batch["subject"])["latent"]
+    prompts = m.prompts(batch)
+    samples = torch.stack([m.reconstructor.full(prompts, latents, [f"{k}#{j}" if j else k for k in keys])
+                           for j in range(3)]).float()  # (3, B, 3, R, R)
+    assert not torch.equal(samples[0], samples[1])  # the seeds differ, so the mean is not a sample
+    written = torch.stack([load_png(tmp_path / "p" / "full" / f"{k}.png") for k in keys]).float()
+    assert (written - samples.mean(0)).abs().max() <= 0.5 + 1e-4
+    assert (written - samples[0]).abs().max() > 1
+    info = json.loads((tmp_path / "p" / "reconstructions.json").read_text())
+    assert (info["n_candidates"], info["combine_candidates"]) == (3, "mean")
+    with pytest.raises(ValueError, match="image_embedding"):
+        model(s, n_candidates=2, combine_candidates="best")
+    with pytest.raises(ValueError, match="combine_candidates"):
+        model(s, combine_candidates="median")

@@ -108,3 +108,27 @@ def test_micro_recipe_saves_a_diffusers_folder_that_loads_like_sd15(tmp_path):
     # a second run with the same recipe and data finds the folder complete and trains nothing
     again = T.build(root, out, recipe, progress=False)
     assert again["train_seconds"] == summary["train_seconds"]
+
+
+def test_unet_training_saves_the_moving_average_of_the_weights():
+    """With ema_decay the weights left in the pipeline are the average (decay ramping up as
+    (1 + n) / (10 + n)) of the raw weights after each step, not the last raw weights."""
+    from mindsemantix.models.diffusion import small_stable_diffusion
+
+    recipe = dataclasses.replace(T.SCALES["tiny"], unet_steps=6, unet_batch=4, warmup_steps=1, ema_decay=0.5)
+    pipe = small_stable_diffusion(recipe.model, seed=0)
+    latent = torch.randn(5, 4, 8, 8)
+    params = lambda: [p.detach().clone() for p in list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())]
+    expected, raw = params(), []
+
+    def on_step(step: int) -> None:  # after step n: average <- lerp(average, raw, 1 - min(decay, (1 + n) / (10 + n)))
+        raw[:] = params()
+        n = step - 1
+        for e, p in zip(expected, raw):
+            e.lerp_(p, 1 - min(recipe.ema_decay, (1 + n) / (10 + n)))
+
+    T.train_unet(pipe, latent, torch.full_like(latent, 0.1), [["a red circle."]] * 5, [None] * 5, recipe,
+                 torch.device("cpu"), progress=False, on_step=on_step)
+    final = params()
+    assert all(torch.allclose(f, e, atol=1e-6) for f, e in zip(final, expected))
+    assert max((f - r).abs().max().item() for f, r in zip(final, raw)) > 1e-4  # not the last raw weights

@@ -127,8 +127,14 @@ class BrainReconstruct(StageModule):
     image_embedding: frozen vision encoder (`offline:efficientnet-lite0`, a CLIP folder) whose
         pooled features of the seen image the head also predicts (None: no embedding target);
         embedding_weight: that loss's weight (cosine distance).
-    n_candidates: img2img samples per key; with an embedding head the one whose features are
-        closest to the predicted embedding is kept (1: plain seeded img2img).
+    n_candidates: img2img samples per key (seeds `key`, `key#1`, ...; 1: plain seeded img2img),
+        combined by `combine_candidates`:
+        "mean": their pixel average, a Monte Carlo estimate of the posterior mean of the image given
+            the latent and the caption. One sample adds detail that the brain did not determine
+            (right or wrong at random), which PixCorr / SSIM punish; the mean keeps what the caption
+            and the latent agree on.
+        "best": the one whose vision features are closest to the predicted embedding (MindEye's
+            best-of-n; needs `image_embedding`).
     captions: stage-2 captions JSONL ({"key", "caption"} per line) used as prompts at predict;
         "reference" uses the first reference caption (an oracle, for checking stage 3 alone).
     sampling: SamplingConfig fields (num_inference_steps, guidance_scale, strength, negative_prompt, seed).
@@ -140,9 +146,11 @@ class BrainReconstruct(StageModule):
 
     frozen_prefixes = ("brain.", "sd.", "vision.")
 
-    def __init__(self, align_export: str, diffusion: str = "data/toyworld/toy_sd", diffusion_dtype: str = "float32", resolution: int | None = None, head: dict[str, Any] | None = None,
+    def __init__(self, align_export: str, diffusion: str = "data/toyworld/toy_sd", diffusion_dtype: str = "float32",
+                 resolution: int | None = None, head: dict[str, Any] | None = None,
                  image_embedding: str | None = None, embedding_weight: float = 0.0, n_candidates: int = 1,
-                 captions: str | None = None, sampling: dict[str, Any] | None = None, scheduler: str = "ddim",
+                 combine_candidates: str = "mean", captions: str | None = None,
+                 sampling: dict[str, Any] | None = None, scheduler: str = "ddim",
                  predict_dir: str | None = None, variants: list[str] | None = None,
                  grid_rows: int = 8, score: bool = True, init_from: str | None = None, lr: float = 1e-3,
                  weight_decay: float = 0.05, warmup_steps: int = 50, **kwargs: Any):
@@ -171,6 +179,14 @@ class BrainReconstruct(StageModule):
 
             self.vision = load_vision_encoder(image_embedding).requires_grad_(False).eval()
         self.image_embedding, self.embedding_weight, self.n_candidates = image_embedding, embedding_weight, n_candidates
+        if n_candidates < 1:
+            raise ValueError(f"n_candidates must be >= 1, got {n_candidates}")
+        if combine_candidates not in ("mean", "best"):
+            raise ValueError(f"combine_candidates must be 'mean' or 'best', got {combine_candidates!r}")
+        if combine_candidates == "best" and n_candidates > 1 and not image_embedding:
+            raise ValueError("combine_candidates: best picks by the predicted image embedding; set image_embedding "
+                             "(e.g. offline:efficientnet-lite0), or use mean")
+        self.combine_candidates = combine_candidates
 
         T, D = self.brain.shape()
         head_cfg = {k: v for k, v in (init_config.get("head") or head or {}).items()
@@ -299,7 +315,7 @@ class BrainReconstruct(StageModule):
         for v in variants:
             start = time.perf_counter()
             if v == "full" and self.n_candidates > 1:
-                images[v] = self.best_of_candidates(keys, prompts, latents, pred.get("embedding"))
+                images[v] = self.combine(keys, prompts, latents, pred.get("embedding"))
             else:
                 images.update(self.reconstructor.reconstruct(keys, prompts, latents, [v]))
             self._timing[v] += time.perf_counter() - start
@@ -321,18 +337,12 @@ class BrainReconstruct(StageModule):
         self._records.extend(rows)
         return rows
 
-    def best_of_candidates(self, keys: list[str], prompts: list[str], latents: Tensor,
-                           embedding: Tensor | None) -> Tensor:
-        """img2img with `n_candidates` seeds per key; keep the candidate whose vision features are
-        closest (cosine) to the predicted embedding (the first candidate when there is none)."""
-        candidates = []
-        for j in range(self.n_candidates):
-            rec = self.reconstructor
-            seeds = [f"{k}#{j}" if j else k for k in keys]  # candidate 0 is the plain seeded one
-            candidates.append(rec.full(prompts, latents, seeds))
-        stacked = torch.stack(candidates, 1)  # (B, n, 3, R, R) uint8
-        if embedding is None or self.vision is None:
-            return stacked[:, 0]
+    def combine(self, keys: list[str], prompts: list[str], latents: Tensor, embedding: Tensor | None) -> Tensor:
+        """img2img with `n_candidates` seeds per key, combined per `combine_candidates` -> uint8 (B, 3, R, R)."""
+        seeds = [[f"{k}#{j}" if j else k for k in keys] for j in range(self.n_candidates)]  # candidate 0 = plain img2img
+        stacked = torch.stack([self.reconstructor.full(prompts, latents, s) for s in seeds], 1)  # (B, n, 3, R, R) uint8
+        if self.combine_candidates == "mean":
+            return stacked.float().mean(1).round().to(torch.uint8)
         feats = self.vision(stacked.flatten(0, 1).to(self.device)).pooled.float().view(len(keys), self.n_candidates, -1)
         sim = nn.functional.cosine_similarity(feats, embedding.float()[:, None], dim=-1)  # (B, n)
         return stacked[torch.arange(len(keys)), sim.argmax(1).cpu()]
@@ -352,7 +362,7 @@ class BrainReconstruct(StageModule):
             "diffusion": self.diffusion_source, "align_export": self.align_export,
             "captions": self.captions_source, "resolution": self.resolution,
             "sampling": vars(s), "scheduler": type(self.reconstructor.text2img.scheduler).__name__,
-            "n_candidates": self.n_candidates, "seconds_per_image": timing,
+            "n_candidates": self.n_candidates, "combine_candidates": self.combine_candidates, "seconds_per_image": timing,
             "device": str(self.device), "records": records})
         if grid:
             save_reconstruction_grid(self.predict_dir / "grid.png", grid,
