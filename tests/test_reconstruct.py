@@ -166,3 +166,23 @@ def test_full_averages_candidates_and_best_needs_an_embedding(stage3_inputs, tmp
         model(s, n_candidates=2, combine_candidates="best")
     with pytest.raises(ValueError, match="combine_candidates"):
         model(s, combine_candidates="median")
+
+
+def test_an_explicit_align_export_wins_over_the_recorded_one(stage3_inputs, tmp_path, caplog):
+    """from_export(..., align_export=moved) uses the moved stage-2 export (the documented override for
+    moved folders, and a relative path recorded from another working directory); a folder that is not
+    the recorded one is named in a warning."""
+    import shutil
+
+    s = stage3_inputs
+    model(s).export(tmp_path / "export")
+    moved = tmp_path / "moved_align"
+    shutil.copytree(s["align"], moved)
+    with caplog.at_level("WARNING", logger="mindsemantix.stages.reconstruct"):
+        rebuilt = BrainReconstruct.from_export(tmp_path / "export", align_export=str(moved), diffusion=s["sd"])
+    assert rebuilt.align_export == str(moved)
+    assert any("trained on" in r.getMessage() and str(moved) in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mindsemantix.stages.reconstruct"):
+        same = BrainReconstruct.from_export(tmp_path / "export")  # the recorded folder: no warning
+    assert same.align_export == s["align"] and not caplog.records

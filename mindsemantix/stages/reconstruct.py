@@ -158,7 +158,14 @@ class BrainReconstruct(StageModule):
         self.save_hyperparameters()
         init_config, init_tensors = load_export(init_from, EXPORT_KIND) if init_from else ({}, {})
         if init_from:  # the export fixes what the head was trained on
-            align_export = init_config.get("align_export", align_export)
+            # The head reads the stage-2 model it was trained with. An explicit align_export (a moved
+            # folder; a path recorded relative to another working directory) is used as given, with a
+            # warning when it is not the folder the export names: a different stage-2 model makes the
+            # head's inputs meaningless.
+            recorded = init_config.get("align_export")
+            if recorded and Path(recorded).resolve() != Path(align_export).resolve():
+                log.warning("align_export %s is not the stage-2 export %s that the head in %s was trained on; "
+                            "using %s", align_export, recorded, init_from, align_export)
             resolution = init_config["resolution"]
             image_embedding = init_config.get("image_embedding")
 
@@ -367,7 +374,8 @@ class BrainReconstruct(StageModule):
         if grid:
             save_reconstruction_grid(self.predict_dir / "grid.png", grid,
                                      title=f"img2img strength {s.strength}, {s.num_inference_steps} steps, "
-                                           f"guidance {s.guidance_scale}")
+                                           f"guidance {s.guidance_scale}" + (f"; full = {self.combine_candidates} of "
+                                           f"{self.n_candidates} samples" if self.n_candidates > 1 else ""))
         if self.score and (self.predict_dir / "seen").is_dir():
             write_json_atomic(self.predict_dir / "scores.json", score_reconstructions(self.predict_dir, self.variants))
         log.info("reconstructions of %d keys written to %s", len(records), self.predict_dir)
