@@ -21,7 +21,7 @@ What makes it learn in minutes on two CPU cores (each measured, see docs/stage3.
     simulator's canonical caption (every attribute named, from the ground-truth scene) when the
     ground truth is available, 10% empty prompts for classifier-free guidance;
   * an exponential moving average of the UNet and text-encoder weights is what gets saved (as
-    SD ships its EMA weights): at 750 steps colour shown 0.32 vs 0.12 at 300 (docs/stage3.md);
+    SD ships its EMA weights); with it, 1,200 steps show colour 0.40 (docs/stage3.md);
   * bf16 autocast where bf16 arithmetic is fast (GPUs, CPUs with AVX512-BF16/AMX: ~4x fp32), fp32
     elsewhere (an AVX2-only CPU emulates bf16 ~30x slower); fp32 weights and optimiser.
 
