@@ -309,3 +309,20 @@ def test_fsdp_overlay_builds_a_strategy_that_shards_the_llm_layers(capsys):
     assert strategy.kwargs["use_orig_params"] is True                   # frozen LLM + trainable Q-Former in one module
     with pytest.raises(ValueError, match="cannot import 'transformers.NoSuchLayer'"):
         LLMFSDPStrategy(wrap=["transformers.NoSuchLayer"])
+
+
+def test_param_groups_put_a_trained_brain_encoder_at_its_lr_scale(stage2_inputs):
+    s = stage2_inputs
+    model = BrainAlign(brain_encoder=s["stage1"], train_brain_encoder=True, brain_encoder_lr_scale=0.3, lr=1e-3,
+                       weight_decay=0.05, qformer={**QFORMER, "tokenizer": s["tokenizer"]})
+    encoder = {id(p) for p in model.brain_encoder.parameters()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = model.param_groups()
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    assert any(id(p) in encoder for g in groups for p in g["params"])
+    for g in groups:
+        for p in g["params"]:
+            assert g["lr"] == pytest.approx(3e-4 if id(p) in encoder else 1e-3), names[id(p)]
+            no_decay = p.ndim < 2 or "query_tokens" in names[id(p)] or "embeddings" in names[id(p)]
+            assert g["weight_decay"] == (0.0 if no_decay else 0.05), names[id(p)]
+    assert any("query_tokens" in names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"])

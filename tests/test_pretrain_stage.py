@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from mindsemantix.cli import main
@@ -89,3 +90,21 @@ def test_add_subject_trains_only_its_layers(tiny_dataset_factory, tmp_path):
                if k in before.state_dict() and not torch.equal(v, before.state_dict()[k])}
     assert changed == set()  # shared backbone and the old subject untouched
     assert any("subj05" in k for k in after.state_dict())
+
+
+def test_param_groups_scale_subject_layers_and_spare_biases_from_decay():
+    from mindsemantix.stages.pretrain import BrainMAE
+
+    rng = np.random.default_rng(0)
+    model = BrainMAE(preset="tiny", subject_lr_scale=30.0, lr=1e-3, weight_decay=0.05)
+    for name in ("subj01", "subj02"):
+        model.encoder.add_subject(name, rng.uniform(-30, 30, (40, 3)))
+    subject = {id(p) for s in ("subj01", "subj02") for p in model.encoder.subject_parameters(s)}
+    groups = model.param_groups()
+    placed = [id(p) for g in groups for p in g["params"]]
+    assert sorted(placed) == sorted(id(p) for p in model.parameters() if p.requires_grad)  # each once
+    for g in groups:
+        for p in g["params"]:
+            assert g["lr"] == pytest.approx(3e-2 if id(p) in subject else 1e-3)
+            assert g["weight_decay"] == (0.05 if p.ndim >= 2 else 0.0)
+    assert len(groups) == 4  # (shared | subject) x (decay | no decay)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from mindsemantix.eval.captions import MemoEncoder
 from mindsemantix.io import atomic_dir, atomic_path, write_json_atomic
@@ -194,12 +195,14 @@ def ridge_caption_retrieval(x_train: np.ndarray, captions_train: Sequence[Sequen
 
 @dataclass
 class SplitArrays:
-    """One subject's samples of one split: keys, voxels (mean over repetitions), captions, images."""
+    """One subject's samples of one split: keys, voxels (mean over repetitions), captions, images,
+    and the seen images' ids (meta `image_id`, the simulator's truth index)."""
 
     keys: list[str]
     x: np.ndarray  # (N, V) float32
     captions: list[list[str]] | None = None
     images: list[np.ndarray] | None = None  # (H, W, 3) uint8 each
+    image_ids: np.ndarray | None = None  # (N,) int
 
     @cached_property
     def svd(self) -> CentredSVD:
@@ -212,15 +215,17 @@ def mean_repetitions(fmri: np.ndarray) -> np.ndarray:
     return np.asarray(fmri, dtype=np.float32).mean(0)
 
 
-def load_split_arrays(root: str | os.PathLike, split: str, *, captions: bool = True, images: bool = False
-                      ) -> dict[str, SplitArrays]:
-    """{subject: SplitArrays} of a Contract-1 dataset split, keys sorted within each subject."""
+def load_split_arrays(root: str | os.PathLike, split: str, *, captions: bool = True, images: bool = False,
+                      image_ids: bool = False, verify: str = "sha256") -> dict[str, SplitArrays]:
+    """{subject: SplitArrays} of a Contract-1 dataset split, keys sorted within each subject.
+    `verify`: ShardDataset's check of the shards ("none" to skip the checksums)."""
     from mindsemantix.data.shards import ShardDataset, iter_split
 
-    ds = ShardDataset(root)
-    fields = ["fmri"] + (["captions"] if captions else []) + (["image"] if images else [])
+    ds = ShardDataset(root, verify=verify)
+    fields = ["fmri"] + (["captions"] if captions else []) + (["image"] if images else []) + (["meta"] if image_ids else [])
     rows: dict[str, list[dict[str, Any]]] = {}
-    for sample in iter_split(ds, split, fields):
+    for sample in tqdm(iter_split(ds, split, fields), total=len(ds.samples(split)), unit="sample", leave=False,
+                       desc=f"loading {Path(root).name}/{split}"):
         rows.setdefault(sample["subject"], []).append(sample)
     out = {}
     for subject, samples in rows.items():
@@ -228,7 +233,8 @@ def load_split_arrays(root: str | os.PathLike, split: str, *, captions: bool = T
         out[subject] = SplitArrays(
             keys=[r["key"] for r in samples], x=np.stack([mean_repetitions(r["fmri"]) for r in samples]),
             captions=[list(r["captions"]) for r in samples] if captions else None,
-            images=[r["image"] for r in samples] if images else None)
+            images=[r["image"] for r in samples] if images else None,
+            image_ids=np.array([int(r["meta"]["image_id"]) for r in samples]) if image_ids else None)
     if not out:
         raise ValueError(f"{root}: split {split!r} has no samples")
     return out

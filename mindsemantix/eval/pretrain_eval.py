@@ -300,21 +300,21 @@ def pooled(tokens: np.ndarray, pool: str) -> np.ndarray:
 
 
 def load_split(roots: Sequence[str | Path], split: str) -> dict[str, dict[str, np.ndarray]]:
-    """{subject: {"x": (N, V) mean over repetitions, "image_id": (N,)}} of a split, sorted by key."""
-    from mindsemantix.data.shards import ShardDataset, iter_split
+    """{subject: {"x": (N, V) mean over repetitions, "image_id": (N,)}} of a split over several
+    datasets (those without the split add nothing), sorted by key."""
+    from mindsemantix.data.shards import ShardDataset
+    from mindsemantix.eval.baselines import load_split_arrays
 
-    rows: dict[str, list[tuple[str, int, np.ndarray]]] = defaultdict(list)
+    parts = defaultdict(list)  # subject -> its SplitArrays from each dataset
     for root in roots:
-        ds = ShardDataset(root, verify="none")
-        if split not in ds.splits:
-            continue
-        for s in tqdm(iter_split(ds, split, ("fmri", "meta")), total=len(ds.samples(split)),
-                      desc=f"loading {Path(root).name}/{split}", unit="sample", leave=False):
-            rows[s["subject"]].append((s["key"], int(s["meta"]["image_id"]), np.asarray(s["fmri"], np.float32).mean(0)))
+        if split in ShardDataset(root, verify="none").splits:
+            for subject, a in load_split_arrays(root, split, captions=False, image_ids=True, verify="none").items():
+                parts[subject].append(a)
     out = {}
-    for subject, r in rows.items():
-        r.sort(key=lambda t: t[0])
-        out[subject] = {"x": np.stack([t[2] for t in r]), "image_id": np.array([t[1] for t in r])}
+    for subject, arrays in parts.items():
+        order = np.argsort([k for a in arrays for k in a.keys], kind="stable")
+        out[subject] = {"x": np.concatenate([a.x for a in arrays])[order],
+                        "image_id": np.concatenate([a.image_ids for a in arrays])[order]}
     return out
 
 

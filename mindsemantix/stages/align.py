@@ -44,7 +44,7 @@ from mindsemantix.models.llm_bridge import LLMBridge, exclude_frozen_weights, ti
 from mindsemantix.models.pretrained import SMOLLM2, load_causal_lm, load_vision_encoder
 from mindsemantix.models.qformer import (BrainQFormer, FeatureQueue, QFormerConfig, RidgeReadout,
                                          caption_word_targets, representation_losses, vision_alignment_loss)
-from mindsemantix.stages.base import StageModule, fused_adamw_ok
+from mindsemantix.stages.base import StageModule
 
 log = logging.getLogger(__name__)
 
@@ -376,20 +376,13 @@ class BrainAlign(StageModule):
 
     # -- optimisation ------------------------------------------------------------------------------
 
-    def configure_optimizers(self):
-        """StageModule's AdamW + warm-up + cosine, with the brain encoder at `brain_encoder_lr_scale`
-        and no weight decay on biases, norms, query tokens, temperatures and embedding tables."""
-        groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            scale = self.hparams.brain_encoder_lr_scale if name.startswith("brain_encoder.") else 1.0
-            no_decay = p.ndim < 2 or "query_tokens" in name or "embeddings" in name
-            groups.setdefault((scale, 0.0 if no_decay else self.weight_decay), []).append(p)
-        optimizer = torch.optim.AdamW([{"params": ps, "lr": self.lr * scale, "weight_decay": wd}
-                                       for (scale, wd), ps in groups.items()], lr=self.lr, betas=self.betas,
-                                      fused=fused_adamw_ok([p for ps in groups.values() for p in ps]))
-        return self.with_schedule(optimizer)
+    def lr_scales(self) -> dict[int, float]:
+        """The brain encoder (when it trains) at lr * brain_encoder_lr_scale."""
+        return {id(p): self.hparams.brain_encoder_lr_scale for p in self.brain_encoder.parameters()}
+
+    def decays(self, name: str, param: nn.Parameter) -> bool:
+        """No weight decay on biases, norms, query tokens, temperatures and embedding tables."""
+        return param.ndim >= 2 and "query_tokens" not in name and "embeddings" not in name
 
     # -- export (Contract 3) ------------------------------------------------------------------------
 

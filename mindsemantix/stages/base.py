@@ -73,13 +73,28 @@ class StageModule(L.LightningModule):
         return None
 
     # -- optimisation
+    def lr_scales(self) -> dict[int, float]:
+        """{id(parameter): factor}: parameters that train at `lr * factor` (default: none)."""
+        return {}
+
+    def decays(self, name: str, param: torch.nn.Parameter) -> bool:
+        """Whether weight decay applies: to matrices, not to biases, norms and scales."""
+        return param.ndim >= 2
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW's groups: the parameters that require gradients, one group per (lr, weight decay)."""
+        scales = self.lr_scales()
+        groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                key = (scales.get(id(p), 1.0), self.weight_decay if self.decays(name, p) else 0.0)
+                groups.setdefault(key, []).append(p)
+        return [{"params": ps, "lr": self.lr * scale, "weight_decay": wd} for (scale, wd), ps in groups.items()]
+
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]  # no weight decay on biases, norms, embeddings' scales
-        no_decay = [p for p in params if p.ndim < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas,
-                                      fused=fused_adamw_ok(params))
+        groups = self.param_groups()
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas,
+                                      fused=fused_adamw_ok([p for g in groups for p in g["params"]]))
         return self.with_schedule(optimizer)
 
     def with_schedule(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from mindsemantix.models.brain_encoder import BrainEncoder, BrainEncoderConfig
-from mindsemantix.stages.base import StageModule, fused_adamw_ok
+from mindsemantix.stages.base import StageModule
 
 
 def masked_pearson(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -79,20 +79,9 @@ class BrainMAE(StageModule):
                 self.val_corr[name] = MeanMetric().to(self.device)
                 self.add_module(f"val_corr_{name.replace('-', '_')}", self.val_corr[name])
 
-    def configure_optimizers(self):
-        """AdamW as in StageModule (no decay on biases, norms, scales), subject layers at
-        lr * subject_lr_scale; the warm-up + cosine schedule scales every group alike."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        subject_ids = {id(p) for s in self.encoder.subjects for p in self.encoder.subject_parameters(s)}
-        groups = []
-        for subject in (False, True):
-            for decay in (True, False):
-                ps = [p for p in params if (id(p) in subject_ids) == subject and (p.ndim >= 2) == decay]
-                if ps:
-                    groups.append({"params": ps, "weight_decay": self.weight_decay if decay else 0.0,
-                                   "lr": self.lr * (self.hparams.subject_lr_scale if subject else 1.0)})
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused_adamw_ok(params))
-        return self.with_schedule(optimizer)
+    def lr_scales(self) -> dict[int, float]:
+        """Subject layers train at lr * subject_lr_scale (each sees only its subject's batches)."""
+        return {id(p): self.hparams.subject_lr_scale for s in self.encoder.subjects for p in self.encoder.subject_parameters(s)}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         out = self.encoder.forward_mae(batch["fmri"], batch["subject"])
