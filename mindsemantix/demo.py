@@ -9,6 +9,12 @@ Every step has an output that marks it finished (a manifest, an export, a JSON f
 atomically), so re-running skips finished steps and a training step that was cut short resumes from
 its last checkpoint (`--ckpt_path last`). Timings go to `reports/<run>/demo_timings.json`.
 
+A step is reused only if it was made by the same command and the same config / recipe files (their
+contents, e.g. after a `git pull` that changed `stages/align.yaml`) as every step before it:
+`runs/.demo_steps.json` records a fingerprint of each. A step made otherwise is stale: its output
+is moved aside (to `<output>.stale-<time>`, nothing is deleted) and it runs again, as do the steps
+after it. Changes to the library code itself are not fingerprinted: `--force` re-runs everything.
+
 Paths: the simulated data under `data/<study>/` (`data/toyworld` for the default study; other seeds,
 subject counts and the tiny scale get their own folder), runs under `runs/<run>/<stage>/`, the
 report under `reports/<run>/`. `--scale tiny` adds the `stages/tiny/*.yaml` overlays (a few steps
@@ -18,6 +24,7 @@ of small models): the same path in a few minutes; the test suite runs it end to 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -49,6 +56,8 @@ class Step:
     command: list[str]
     done: Path                      # exists once the step has finished
     resume_from: Path | None = None  # a run folder whose checkpoints/last.ckpt lets the step resume
+    output: Path | None = None      # what the step writes (moved aside when stale); default: `done`
+    fingerprint: str | None = None  # set by `fingerprint_steps`; None: reuse by `done` alone
 
 
 def study_name(scale: str, seed: int, subjects: int) -> str:
@@ -84,35 +93,36 @@ def plan(scale: str, seed: int, subjects: int, run: str, root: Path = REPO) -> l
     return [
         Step("simulate study", [*py, str(REPO / "data_recipes" / "toyworld.py"), "--out", str(nsd), "--seed", str(seed),
                                 "--subjects", str(subjects), *STUDY_FLAGS[scale]],
-             nsd / "toyworld_truth" / "truth.json"),
+             nsd / "toyworld_truth" / "truth.json", output=nsd),
         Step("convert corpus", [*py, str(REPO / "data_recipes" / "fmri_corpus.py"), "--root", str(nsd / "corpus_bids"),
                                 "--dataset", "toycorpus", "--out", str(corpus), "--roi", "background", "--window", "4"],
-             corpus / "manifest.json"),
+             corpus / "manifest.json", output=corpus),
         Step("convert study", [*py, str(REPO / "data_recipes" / "nsd.py"), "--nsd-root", str(nsd), "--out", str(shards)],
-             shards / "manifest.json"),
+             shards / "manifest.json", output=shards),
         Step("train toy SD", [*py, str(REPO / "data_recipes" / "toy_diffusion.py"), "--nsd-root", str(nsd),
                               "--out", str(toy_sd), "--scale", TOY_SD_SCALE[scale]],
-             toy_sd / "toy_sd.json"),
+             toy_sd / "toy_sd.json", output=toy_sd),
         Step("stage 1: pretrain", fit("pretrain", "--data.datasets", json.dumps([str(shards), str(corpus)])),
-             runs / "pretrain" / "export" / "config.json", runs / "pretrain"),
+             runs / "pretrain" / "export" / "config.json", runs / "pretrain", runs / "pretrain"),
         Step("stage 2: align (representation)",
              fit("align_representation", *shards_only,
                  "--model.init_args.brain_encoder", str(runs / "pretrain" / "export")),
-             runs / "align_representation" / "export" / "config.json", runs / "align_representation"),
+             runs / "align_representation" / "export" / "config.json", runs / "align_representation",
+             runs / "align_representation"),
         Step("stage 2: align (generative)",
              fit("align", *shards_only, "--model.init_args.init_from", str(runs / "align_representation" / "export")),
-             runs / "align" / "export" / "config.json", runs / "align"),
+             runs / "align" / "export" / "config.json", runs / "align", runs / "align"),
         Step("stage 2: captions", predict("align", *shards_only, "--model.init_args.init_from", str(runs / "align" / "export")),
              runs / "align" / "captions.jsonl"),
         Step("stage 3: reconstruct (fit)",
              fit("reconstruct", *shards_only, "--model.init_args.align_export", str(runs / "align" / "export"),
                  "--model.init_args.diffusion", str(toy_sd), "--model.init_args.captions", str(runs / "align" / "captions.jsonl")),
-             runs / "reconstruct" / "export" / "config.json", runs / "reconstruct"),
+             runs / "reconstruct" / "export" / "config.json", runs / "reconstruct", runs / "reconstruct"),
         Step("stage 3: reconstruct (predict)",
              predict("reconstruct", *shards_only, "--model.init_args.init_from", str(runs / "reconstruct" / "export"),
                      "--model.init_args.align_export", str(runs / "align" / "export"),
                      "--model.init_args.diffusion", str(toy_sd), "--model.init_args.captions", str(runs / "align" / "captions.jsonl")),
-             runs / "reconstruct" / "predict" / "reconstructions.json"),
+             runs / "reconstruct" / "predict" / "reconstructions.json", output=runs / "reconstruct" / "predict"),
         *eval_steps(run, shards, toy_sd, root),
     ]
 
@@ -129,7 +139,7 @@ def eval_steps(run: str, shards: Path, toy_sd: Path | None, root: Path = REPO) -
     return [
         Step("baselines", [*py, "-m", "mindsemantix.eval.baselines", "--data", str(shards), "--out", str(baselines),
                            *(["--diffusion", str(toy_sd)] if toy_sd else [])],
-             baselines / "baselines_info.json"),
+             baselines / "baselines_info.json", output=baselines),
         Step("evaluate + report", [*py, "-m", "mindsemantix.eval.report", "--out", str(report), "--run", run,
                                    "--baselines-dir", str(baselines), "--predictions", str(runs / "align" / "captions.jsonl"),
                                    *images, "--metrics-csv", *curves],
@@ -137,23 +147,69 @@ def eval_steps(run: str, shards: Path, toy_sd: Path | None, root: Path = REPO) -
     ]
 
 
+def fingerprint_steps(steps: Sequence[Step], root: Path) -> None:
+    """Set each step's fingerprint: a hash of its command (paths relative to `root` and to this
+    checkout, the interpreter left out), the contents of the checkout's configs and recipes it names
+    (`stages/`, `data_recipes/`) and the fingerprint of the step before it — so a change reaches
+    every later step."""
+    previous = ""
+    for step in steps:
+        h = hashlib.sha256(previous.encode())
+        for arg in step.command[1:]:  # [0] is the interpreter
+            path = Path(arg)
+            if path.is_file() and any(path.is_relative_to(REPO / d) for d in ("stages", "data_recipes")):
+                h.update(path.read_bytes())
+                arg = f"<repo>/{path.relative_to(REPO)}"
+            h.update(arg.replace(str(root), "<root>").replace(str(REPO), "<repo>").encode() + b"\0")
+        step.fingerprint = previous = h.hexdigest()
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a stale output to `<path>.stale-<time>` (never deleted: it may be hours of training)."""
+    target = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+    path.rename(target)
+    return target
+
+
 def _show(path: Path) -> str:
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
-def run_steps(steps: Sequence[Step], timings_path: Path, force: bool = False) -> dict[str, float]:
+def run_steps(steps: Sequence[Step], timings_path: Path, force: bool = False, records_path: Path | None = None
+              ) -> dict[str, float]:
+    """Run the steps in order, reusing finished ones (see the module doc). `records_path`: the JSON of
+    step fingerprints, keyed by each step's `done` path."""
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() and not force else {}
+    records: dict[str, str] = {}
+    if records_path is not None and records_path.is_file():
+        records = json.loads(records_path.read_text())
     total_start = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for i, step in enumerate(steps, 1):
         header = f"[demo {i}/{len(steps)}] {step.name}"
-        if step.done.exists() and not force:
-            print(f"{header}: done ({_show(step.done)})", flush=True)
+        key = str(step.done)
+        recorded = records.get(key)
+        stale = step.fingerprint is not None and recorded is not None and recorded != step.fingerprint
+        output = step.output or step.done
+        if stale and output.exists():
+            aside = _move_aside(output)
+            print(f"{header}: made by another command or config than this checkout's (or after a step that "
+                  f"changed); moved {_show(output)} aside to {_show(aside)} and running it again", flush=True)
+        elif step.done.exists() and not force:
+            note = "" if recorded is not None or step.fingerprint is None else \
+                "; made before step fingerprints were recorded: delete it to re-run with this checkout's configs"
+            print(f"{header}: done ({_show(step.done)}{note})", flush=True)
             continue
         command = list(step.command)
         if step.resume_from is not None and (step.resume_from / "checkpoints" / "last.ckpt").is_file():
             command += ["--ckpt_path", "last"]
             header += " (resuming from its last checkpoint)"
+        if records_path is not None and step.fingerprint is not None:  # a cut-short run resumes only if unchanged
+            records[key] = step.fingerprint
+            write_json_atomic(records_path, records)
         print(f"\n{header}\n  $ {shlex.join(command)}", flush=True)
         start = time.perf_counter()
         result = subprocess.run(command, cwd=REPO, env=env)
@@ -217,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.scale, args.seed, subjects = recorded["scale"], recorded["seed"], recorded["subjects"]
     data = root / "data" / study_name(args.scale, args.seed, subjects)
     steps = plan(args.scale, args.seed, subjects, run, root)
+    fingerprint_steps(steps, root)  # over the whole plan, so `make eval` sees the same chain
     if args.eval_only:
         steps = [s for s in steps if s.name in ("baselines", "evaluate + report")]
         steps[-1].done.unlink(missing_ok=True)  # the report is always rewritten; baselines are kept
@@ -226,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = root / "reports" / run
     print(f"demo: run '{run}', scale {args.scale}, seed {args.seed}, {subjects} subjects; data in "
           f"{_show(data)}, runs in {_show(root / 'runs' / run)}, report in {_show(report)}", flush=True)
-    run_steps(steps, report / "demo_timings.json", force=args.force)
+    run_steps(steps, report / "demo_timings.json", force=args.force, records_path=root / "runs" / ".demo_steps.json")
     print(f"\ndemo: report in {_show(report)}/eval.md\n{summarize(report)}", flush=True)
     return 0
 

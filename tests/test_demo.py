@@ -84,3 +84,51 @@ def test_rerunning_reuses_finished_steps_and_eval_names_a_missing_run(tiny_demo)
     missing = make("eval", root, "RUN=no-such-run")
     assert missing.returncode != 0
     assert "runs/no-such-run/align/captions.jsonl is missing" in missing.stdout + missing.stderr
+
+
+# A step that writes its done file (with a fresh stamp, to tell a re-run from a reuse).
+WRITE = ("import pathlib, sys, time; p = pathlib.Path(sys.argv[1]); p.parent.mkdir(parents=True, exist_ok=True); "
+         "p.write_text(str(time.time_ns()))")
+
+
+def test_a_changed_config_reruns_its_step_and_later_ones_and_keeps_the_old_outputs(tmp_path, monkeypatch, capsys):
+    from mindsemantix import demo
+
+    monkeypatch.setattr(demo, "REPO", tmp_path)  # the "checkout" whose config files are fingerprinted
+    config = tmp_path / "stages" / "a.yaml"
+    config.parent.mkdir()
+    config.write_text("lr: 1\n")
+    root, records = tmp_path / "root", tmp_path / "root" / "runs" / ".demo_steps.json"
+
+    def steps(extra: str = "") -> list[demo.Step]:
+        plan = [demo.Step("a", [sys.executable, "-c", WRITE, str(root / "a" / "done"), str(config), extra],
+                          root / "a" / "done", output=root / "a"),
+                demo.Step("b", [sys.executable, "-c", WRITE, str(root / "b" / "done")], root / "b" / "done",
+                          output=root / "b")]
+        demo.fingerprint_steps(plan, root)
+        return plan
+
+    def stamps() -> dict[str, str]:
+        return {n: (root / n / "done").read_text() for n in "ab"}
+
+    demo.run_steps(steps(), root / "timings.json", records_path=records)
+    first = stamps()
+    demo.run_steps(steps(), root / "timings.json", records_path=records)
+    assert stamps() == first                                      # unchanged: both reused
+    assert capsys.readouterr().out.count(": done (") == 2
+
+    config.write_text("lr: 2\n")                                  # e.g. a `git pull` changed the config
+    demo.run_steps(steps(), root / "timings.json", records_path=records)
+    second = stamps()
+    assert second["a"] != first["a"] and second["b"] != first["b"]  # the step and every later one re-ran
+    assert [(p / "done").read_text() for p in root.glob("a.stale-*")] == [first["a"]]  # nothing deleted
+    assert [(p / "done").read_text() for p in root.glob("b.stale-*")] == [first["b"]]
+    assert "moved" in capsys.readouterr().out
+
+    demo.run_steps(steps(extra="--more"), root / "timings.json", records_path=records)  # a changed command too
+    assert stamps()["a"] != second["a"] and len(list(root.glob("a.stale-*"))) == 2
+
+    # outputs from before fingerprints were recorded are reused, with a note saying how to re-run them
+    records.unlink()
+    demo.run_steps(steps(), root / "timings.json", records_path=records)
+    assert "made before step fingerprints were recorded" in capsys.readouterr().out
