@@ -10,10 +10,11 @@ atomically), so re-running skips finished steps and a training step that was cut
 its last checkpoint (`--ckpt_path last`). Timings go to `reports/<run>/demo_timings.json`.
 
 A step is reused only if it was made by the same command and the same config / recipe files (their
-contents, e.g. after a `git pull` that changed `stages/align.yaml`) as every step before it:
-`runs/.demo_steps.json` records a fingerprint of each. A step made otherwise is stale: its output
-is moved aside (to `<output>.stale-<time>`, nothing is deleted) and it runs again, as do the steps
-after it. Changes to the library code itself are not fingerprinted: `--force` re-runs everything.
+contents, e.g. after a `git pull` that changed `stages/align.yaml`) as every step before it
+(`runs/.demo_steps.json` records a fingerprint of each), and no step before it ran in this
+invocation. Otherwise its output is moved aside (to `<output>.stale-<time>`, nothing is deleted)
+and it runs again. So deleting a step's output re-runs it and every step after it. Changes to the
+library code itself are not fingerprinted: `--force` re-runs everything.
 
 Paths: the simulated data under `data/<study>/` (`data/toyworld` for the default study; other seeds,
 subject counts and the tiny scale get their own folder), runs under `runs/<run>/<stage>/`, the
@@ -188,21 +189,24 @@ def run_steps(steps: Sequence[Step], timings_path: Path, force: bool = False, re
         records = json.loads(records_path.read_text())
     total_start = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    earlier_ran = False  # once a step runs, the outputs of later ones were made from other inputs
     for i, step in enumerate(steps, 1):
         header = f"[demo {i}/{len(steps)}] {step.name}"
         key = str(step.done)
         recorded = records.get(key)
-        stale = step.fingerprint is not None and recorded is not None and recorded != step.fingerprint
+        changed = step.fingerprint is not None and recorded is not None and recorded != step.fingerprint
         output = step.output or step.done
-        if stale and output.exists():
+        if (changed or earlier_ran or force) and output.exists():
+            why = ("--force" if force else "its command or a config / recipe it reads changed" if changed
+                   else "a step before it ran again")
             aside = _move_aside(output)
-            print(f"{header}: made by another command or config than this checkout's (or after a step that "
-                  f"changed); moved {_show(output)} aside to {_show(aside)} and running it again", flush=True)
-        elif step.done.exists() and not force:
+            print(f"{header}: {why}: moved {_show(output)} aside to {_show(aside)}; running it again", flush=True)
+        elif step.done.exists():
             note = "" if recorded is not None or step.fingerprint is None else \
-                "; made before step fingerprints were recorded: delete it to re-run with this checkout's configs"
+                f"; made before step fingerprints were recorded: delete {_show(output)} to re-run it and the steps after it"
             print(f"{header}: done ({_show(step.done)}{note})", flush=True)
             continue
+        earlier_ran = True
         command = list(step.command)
         if step.resume_from is not None and (step.resume_from / "checkpoints" / "last.ckpt").is_file():
             command += ["--ckpt_path", "last"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -128,7 +129,15 @@ def test_a_changed_config_reruns_its_step_and_later_ones_and_keeps_the_old_outpu
     demo.run_steps(steps(extra="--more"), root / "timings.json", records_path=records)  # a changed command too
     assert stamps()["a"] != second["a"] and len(list(root.glob("a.stale-*"))) == 2
 
+    third = stamps()
+    shutil.rmtree(root / "a")                                     # deleting a step's output re-runs it and the rest
+    demo.run_steps(steps(extra="--more"), root / "timings.json", records_path=records)
+    assert stamps()["a"] != third["a"] and stamps()["b"] != third["b"]
+    assert len(list(root.glob("b.stale-*"))) == 3
+
     # outputs from before fingerprints were recorded are reused, with a note saying how to re-run them
     records.unlink()
+    fourth = stamps()
     demo.run_steps(steps(), root / "timings.json", records_path=records)
-    assert "made before step fingerprints were recorded" in capsys.readouterr().out
+    assert stamps() == fourth
+    assert "made before step fingerprints were recorded: delete" in capsys.readouterr().out
