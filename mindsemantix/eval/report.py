@@ -11,7 +11,7 @@ ceiling in one run (one METEOR JVM for all of it); `write_report` writes
   curves.png (training curves from Lightning CSVLogger `metrics.csv` files).
 
 `python -m mindsemantix.eval.report --out reports/RUN --predictions P.jsonl --baselines-dir B
---images model=DIR --metrics-csv runs/*/metrics.csv` (B as written by `mindsemantix.eval.baselines`).
+--images model=DIR --metrics-csv runs/RUN/*/metrics.csv` (B as written by `mindsemantix.eval.baselines`).
 """
 
 from __future__ import annotations
