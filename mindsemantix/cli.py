@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -50,10 +51,31 @@ def cpu_has_fast_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+BF16_ENV = "MINDSEMANTIX_BF16"
+
+
+def bf16_override() -> bool | None:
+    """MINDSEMANTIX_BF16=1 / 0 forces bf16 autocast on / off wherever the precision is automatic
+    (`trainer.precision: null`, the toy SD recipe): 0 reproduces fp32 results on bf16 hardware, 1
+    checks the bf16 path on hardware that emulates it. Unset or `auto`: decided by the hardware."""
+    value = os.environ.get(BF16_ENV, "auto").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ("1", "true", "on"):
+        return True
+    if value in ("0", "false", "off"):
+        return False
+    raise ValueError(f"{BF16_ENV}={value!r}: use 1, 0 or auto")
+
+
 def auto_precision(accelerator: str | None = "auto") -> str:
     """`trainer.precision: null` in a config means: bf16-mixed where the hardware does bf16 fast
-    (GPUs with bf16, CPUs with AVX512-BF16/AMX), else 32-true."""
+    (GPUs with bf16, CPUs with AVX512-BF16/AMX), else 32-true; MINDSEMANTIX_BF16 overrides."""
     import torch
+
+    forced = bf16_override()
+    if forced is not None:
+        return "bf16-mixed" if forced else "32-true"
 
     wants_gpu = accelerator in (None, "auto", "gpu", "cuda")
     if wants_gpu and torch.cuda.is_available():
