@@ -108,3 +108,13 @@ def test_param_groups_scale_subject_layers_and_spare_biases_from_decay():
             assert g["lr"] == pytest.approx(3e-2 if id(p) in subject else 1e-3)
             assert g["weight_decay"] == (0.05 if p.ndim >= 2 else 0.0)
     assert len(groups) == 4  # (shared | subject) x (decay | no decay)
+
+
+def test_bf16_mixed_fit_clips_gradients(tiny_dataset_factory, tmp_path):
+    """The path of GPUs and fast-bf16 CPUs (`precision: null` picks it there): Lightning refuses to
+    clip a fused optimizer's gradients under mixed precision, so the stage must not build one."""
+    data = tiny_dataset_factory(subjects={"subj01": 60}, n_images={"train": 8, "val": 4})
+    run = tmp_path / "run"
+    assert main(tiny_args(run, [data], max_steps=2) + ["--trainer.precision=bf16-mixed"]) == 0
+    assert (run / "export" / "config.json").is_file()
+    assert "bf16-mixed" in (run / "config.yaml").read_text()

@@ -93,8 +93,11 @@ class StageModule(L.LightningModule):
 
     def configure_optimizers(self):
         groups = self.param_groups()
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas,
-                                      fused=fused_adamw_ok([p for g in groups for p in g["params"]]))
+        # Lightning refuses to clip the gradients of a fused optimizer under mixed precision (bf16 on
+        # GPUs and fast-bf16 CPUs): the fused step would unscale them itself. The foreach one then.
+        mixed = self._trainer is not None and "mixed" in str(self.trainer.precision)
+        fused = None if mixed else fused_adamw_ok([p for g in groups for p in g["params"]])
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused)
         return self.with_schedule(optimizer)
 
     def with_schedule(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
