@@ -118,3 +118,31 @@ def test_bf16_mixed_fit_clips_gradients(tiny_dataset_factory, tmp_path):
     assert main(tiny_args(run, [data], max_steps=2) + ["--trainer.precision=bf16-mixed"]) == 0
     assert (run / "export" / "config.json").is_file()
     assert "bf16-mixed" in (run / "config.yaml").read_text()
+
+
+def test_gradient_clipping_under_fsdp_asks_the_root_module_for_the_norm():
+    """Lightning's FSDP precision plugin raises on clipping by norm; the stages clip through the root
+    FSDP module instead (the only place that sees every shard). Elsewhere: Lightning's own clipping."""
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from mindsemantix.stages.pretrain import BrainMAE
+
+    class Root(FullyShardedDataParallel):  # stands in for the wrapped model (FSDP needs GPUs here)
+        def __init__(self):
+            object.__setattr__(self, "norms", [])
+
+        def clip_grad_norm_(self, max_norm, norm_type=2.0):
+            self.norms.append(max_norm)
+
+    model = BrainMAE(preset="tiny")
+    lightning_clips = []
+    model.clip_gradients = lambda optimizer, **kw: lightning_clips.append(kw)  # noqa: E731
+    root = Root()
+    model._trainer = SimpleNamespace(strategy=SimpleNamespace(model=root))
+    model.configure_gradient_clipping(None, gradient_clip_val=0.8, gradient_clip_algorithm="norm")
+    assert root.norms == [0.8] and lightning_clips == []
+    model._trainer = SimpleNamespace(strategy=SimpleNamespace(model=torch.nn.Linear(2, 2)))  # DDP / single device
+    model.configure_gradient_clipping(None, gradient_clip_val=0.8, gradient_clip_algorithm="norm")
+    assert root.norms == [0.8] and lightning_clips == [{"gradient_clip_val": 0.8, "gradient_clip_algorithm": "norm"}]

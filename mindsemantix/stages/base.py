@@ -100,6 +100,19 @@ class StageModule(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused)
         return self.with_schedule(optimizer)
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's FSDP precision plugin refuses to clip by norm (Lightning issue 19235): under
+        FSDP the norm over all shards must come from the root FSDP module, so it is asked here. Every
+        other strategy clips as Lightning does."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.strategy.model
+        if gradient_clip_val and isinstance(root, FullyShardedDataParallel) and gradient_clip_algorithm in (None, "norm"):
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+
     def with_schedule(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Lightning's optimizer dict: `optimizer` under warm-up + cosine, stepped every batch."""
         total = max(1, int(self.trainer.estimated_stepping_batches))
