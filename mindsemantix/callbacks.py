@@ -36,7 +36,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, tmp)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
-        return load_checkpoint_safely(path, map_location=map_location)
+        # Lightning passes no map_location: tensors saved from cuda:0 would all land on cuda:0 on every
+        # rank of the node (or fail on a machine without that GPU). Lightning moves them afterwards.
+        return load_checkpoint_safely(path, map_location="cpu" if map_location is None else map_location)
 
 
 class CheckpointError(RuntimeError):

@@ -17,11 +17,13 @@ full`) and, as under DDP, never contain the frozen LLM (StageModule drops it).
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any, Sequence
 
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
+log = logging.getLogger(__name__)
 LLAMA_LAYER = "transformers.models.llama.modeling_llama.LlamaDecoderLayer"
 
 
@@ -48,3 +50,5 @@ class LLMFSDPStrategy(FSDPStrategy):
         super().__init__(auto_wrap_policy=layers, sharding_strategy=sharding_strategy,
                          activation_checkpointing_policy=layers if activation_checkpointing else None, **kwargs)
         self.wrapped_layers = layers
+        log.warning("LLMFSDPStrategy is experimental: never run on GPUs here, and checkpoints / the stage-2 export "
+                    "are not expected to work under FSDP yet (see stages/cluster/align_fsdp.yaml)")

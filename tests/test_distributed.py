@@ -51,3 +51,11 @@ def test_ddp_stage1_ranks_agree_and_rank0_exports(tiny_dataset_factory, tmp_path
     assert ranks[0]["digest"] == ranks[1]["digest"]  # DDP kept the replicas identical
     assert proc.stdout.count("export: wrote") == 1 and "(rank 0)" in proc.stdout
     assert (run / "export" / "model.safetensors").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    # each subject's val batches reach one rank or the other; all three are still logged (a collective
+    # per subject on every rank, in the same order: before, rank 0 logged only the subjects it saw)
+    import csv
+
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    for s in ("subj01", "subj02", "subj03"):
+        values = [float(r[f"val/masked_corr/{s}"]) for r in rows if r.get(f"val/masked_corr/{s}")]
+        assert len(values) == 1 and -1 <= values[0] <= 1, (s, values)

@@ -87,3 +87,16 @@ def test_incomplete_export_folder_is_rejected(tmp_path):
         load_export(folder, "brain_encoder")
     with pytest.raises(ExportError, match="holds a 'brain_encoder', expected a 'brain_align'"):
         load_export(folder, "brain_align")
+
+
+def test_checkpoints_load_to_the_cpu_unless_lightning_asks_otherwise(tmp_path, monkeypatch):
+    """Lightning calls load_checkpoint without map_location; a GPU checkpoint would then be restored
+    onto the device it was saved from on every rank (or fail where that device is missing)."""
+    import mindsemantix.callbacks as callbacks
+
+    seen = []
+    monkeypatch.setattr(callbacks, "load_checkpoint_safely", lambda path, map_location: seen.append(map_location) or {})
+    io = callbacks.AtomicCheckpointIO()
+    io.load_checkpoint(tmp_path / "x.ckpt")
+    io.load_checkpoint(tmp_path / "x.ckpt", map_location="meta")
+    assert seen == ["cpu", "meta"]

@@ -7,6 +7,7 @@ from the datamodule (their voxel coordinates are data, not hyper-parameters).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +104,22 @@ class BrainMAE(StageModule):
                                 "pred": out.pred[:k].float().cpu(), "mask": out.mask[:k].cpu()}
 
     def on_validation_epoch_end(self) -> None:
+        # Under DDP a subject's val batches reach only some ranks, but compute() and a synced log are
+        # collectives: every rank must issue the same ones in the same order (else values of different
+        # subjects mix, or ranks hang). So: the subjects seen on any rank, in name order, on all ranks.
+        names = sorted(self.val_corr)
+        seen = torch.tensor([float(self.val_corr[n].update_count) for n in names], device=self.device)
+        seen = self.trainer.strategy.reduce(seen, reduce_op="sum") if names else seen
         values = []
-        for name, metric in self.val_corr.items():
-            if metric.update_count:  # only subjects present in this validation
-                value = metric.compute()  # torchmetrics already reduced it over ranks
+        for name, count in zip(names, seen.tolist()):
+            metric = self.val_corr[name]
+            if count > 0:
+                with warnings.catch_warnings():  # a rank without this subject's batches adds nothing: fine
+                    warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+                    value = metric.compute()  # torchmetrics reduces it over ranks
                 self.log(f"val/masked_corr/{name}", value, sync_dist=True)
                 values.append(value)
-                metric.reset()
+            metric.reset()
         if values:
             self.log("val/masked_corr", torch.stack(values).mean(), prog_bar=True, sync_dist=True)
 
