@@ -359,7 +359,7 @@ def make_encoding_model(anatomy: Anatomy, rng: np.random.Generator) -> EncodingM
     rf_xy = np.clip(rf_xy + rng.normal(0, 0.03, (v, 2)), 0.02, 0.98)
     rf_sigma = 0.03 + 0.25 * eccentricity + 0.3 * hierarchy  # pRF size grows with both
 
-    n_shapes, n_colours = len(SHAPES), len(COLOURS)
+    n_shapes = len(SHAPES)
     # mid level: broad tuning along the round <-> pointy axis, sharp hue tuning
     curvature = SHAPE_FEATURES[:, 0] - SHAPE_FEATURES[:, 3]
     preferred_curvature = rng.uniform(-1, 1, v)
