@@ -186,14 +186,9 @@ def bf16_is_fast(device: torch.device) -> bool:
     """bf16 autocast pays only where the hardware has bf16 arithmetic: on a CPU without AVX512-BF16
     or AMX, PyTorch falls back to scalar code (a 1024^2 matmul ran 50x slower than fp32 on an
     AVX2-only EPYC, and bf16 convolutions took its slow reference path)."""
-    from mindsemantix.cli import bf16_override, cpu_has_fast_bf16
+    from mindsemantix import cli
 
-    forced = bf16_override()  # MINDSEMANTIX_BF16=1 / 0
-    if forced is not None:
-        return forced
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_fast_bf16()
+    return cli.bf16_is_fast(device.type)  # the stages' rule, MINDSEMANTIX_BF16 included
 
 
 def _autocast(device: torch.device, enabled: bool | None):

@@ -68,19 +68,27 @@ def bf16_override() -> bool | None:
     raise ValueError(f"{BF16_ENV}={value!r}: use 1, 0 or auto")
 
 
-def auto_precision(accelerator: str | None = "auto") -> str:
-    """`trainer.precision: null` in a config means: bf16-mixed where the hardware does bf16 fast
-    (GPUs with bf16, CPUs with AVX512-BF16/AMX), else 32-true; MINDSEMANTIX_BF16 overrides."""
+def bf16_is_fast(device_type: str) -> bool:
+    """Whether bf16 autocast pays on this device type ("cuda" / "cpu"): GPUs with bf16, CPUs with
+    AVX512-BF16/AMX; MINDSEMANTIX_BF16 overrides."""
     import torch
 
     forced = bf16_override()
     if forced is not None:
-        return "bf16-mixed" if forced else "32-true"
+        return forced
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device_type == "cpu" and cpu_has_fast_bf16()
+
+
+def auto_precision(accelerator: str | None = "auto") -> str:
+    """`trainer.precision: null` in a config means: bf16-mixed where bf16 is fast (`bf16_is_fast`)
+    on the device the run gets, else 32-true."""
+    import torch
 
     wants_gpu = accelerator in (None, "auto", "gpu", "cuda")
-    if wants_gpu and torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
-    return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
+    device_type = "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+    return "bf16-mixed" if bf16_is_fast(device_type) else "32-true"
 
 
 def lightning_cli(args: list[str] | None = None):
