@@ -186,3 +186,73 @@ def test_an_explicit_align_export_wins_over_the_recorded_one(stage3_inputs, tmp_
     with caplog.at_level("WARNING", logger="mindsemantix.stages.reconstruct"):
         same = BrainReconstruct.from_export(tmp_path / "export")  # the recorded folder: no warning
     assert same.align_export == s["align"] and not caplog.records
+
+
+def test_latent_infonce_scores_each_latent_against_the_other_images_only():
+    """The contrastive term: a hand computation of the symmetric InfoNCE; matched latents score lower
+    than shuffled ones; a second sample of the same image is neither the positive nor a negative."""
+    from mindsemantix.stages.reconstruct import latent_infonce
+
+    torch.manual_seed(0)
+    target = torch.randn(4, 2, 3, 3)
+    pred = target + 0.3 * torch.randn_like(target)
+    ids = torch.tensor([10, 11, 12, 13])
+    p = torch.nn.functional.normalize(pred.flatten(1), dim=-1)
+    t = torch.nn.functional.normalize(target.flatten(1), dim=-1)
+    logits = p @ t.T / 0.1
+    expected = (torch.nn.functional.cross_entropy(logits, torch.arange(4))
+                + torch.nn.functional.cross_entropy(logits.T, torch.arange(4))) / 2
+    torch.testing.assert_close(latent_infonce(pred, target, ids, 0.1), expected)
+    assert latent_infonce(pred, target, ids, 0.1) < latent_infonce(pred[[1, 2, 3, 0]], target, ids, 0.1)
+    # samples 0 and 1 show the same image: each one's logit for the other is dropped
+    dup = torch.tensor([10, 10, 12, 13])
+    masked = logits.clone()
+    masked[0, 1] = masked[1, 0] = float("-inf")
+    expected_dup = (torch.nn.functional.cross_entropy(masked, torch.arange(4))
+                    + torch.nn.functional.cross_entropy(masked.T, torch.arange(4))) / 2
+    torch.testing.assert_close(latent_infonce(pred, target, dup, 0.1), expected_dup)
+    assert not torch.isclose(expected_dup, expected)
+
+
+def test_brain_cache_runs_the_frozen_model_once_per_distinct_input(stage3_inputs):
+    """cache_brain: the same outputs as without the cache; the stage-2 model runs once per distinct
+    (subject, voxel values) — not again for a seen input, once for a repeat inside a batch."""
+    from mindsemantix.stages.reconstruct import BrainRepresentation
+
+    s = stage3_inputs
+    plain = BrainRepresentation.from_export(s["align"])
+    cached = BrainRepresentation.from_export(s["align"], cache=True)
+    calls = []
+    original = cached.align.query_outputs
+    cached.align.query_outputs = lambda fmri, subject: calls.append(len(fmri)) or original(fmri, subject)
+    dm = datamodule(s)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    x, subject = batch["fmri"], batch["subject"]
+    torch.testing.assert_close(cached(x, subject), plain(x, subject))
+    assert calls == [len(x)]
+    torch.testing.assert_close(cached(x[[1, 0]], subject), plain(x[[1, 0]], subject))  # seen inputs: no call
+    assert calls == [len(x)]
+    new = torch.cat([x[:1] + 1.0, x[:1] + 1.0, x[1:2]])  # one new input, twice, and a seen one
+    out = cached(new, subject)
+    assert calls == [len(x), 1] and torch.equal(out[0], out[1])
+    torch.testing.assert_close(out[0], plain(x[:1] + 1.0, subject)[0])
+    assert len(cached.cache) == len(x) + 1
+
+
+def test_fit_with_the_contrastive_term_and_the_cache(stage3_inputs, tmp_path):
+    s = stage3_inputs
+    m = model(s, contrastive_weight=0.5, cache_brain=True)
+    t = trainer(tmp_path / "fit", 4, val_check_interval=2)
+    t.fit(m, datamodule=datamodule(s))
+    assert {"train/latent_nce", "val/latent_nce"} <= set(t.callback_metrics)
+    loss, mse, nce = (float(t.callback_metrics[f"val/{k}"]) for k in ("loss", "latent_mse", "latent_nce"))
+    assert loss == pytest.approx(mse + 0.5 * nce, rel=1e-5)
+    dm = datamodule(s)
+    dm.setup()
+    n_val = len(dm.split_refs("val"))
+    # one entry per distinct input met: at most 4 steps x 4 training samples + the val samples (seen twice)
+    assert n_val < len(m.brain.cache) <= 4 * 4 + n_val
+    assert all(v.shape == m.brain.shape() for v in m.brain.cache.values())
+    with pytest.raises(ValueError, match="contrastive_temperature"):
+        model(s, contrastive_weight=0.1, contrastive_temperature=0.0)
