@@ -89,7 +89,7 @@ class BrainRepresentation(nn.Module):
     `cache=True` keeps each distinct input's output (on the CPU, keyed by subject and a hash of the
     voxel values): the model is frozen and in eval mode, so an input's output never changes, and a
     head trained for many epochs then runs the stage-2 model once per (sample, repetition) instead of
-    once per step. Memory: distinct inputs x Q x H x 4 bytes (the demo: ~13k x 8 x 256 x 4 = ~110 MB).
+    once per step. Memory: distinct inputs x Q x H x 4 bytes (the demo: ~13k x 8 x 384 x 4 = ~160 MB).
     Outputs are computed in the batch that first meets them, so a resumed run (whose cache starts
     empty) can differ from the uninterrupted one in the last bits; with the cache off resumes are bitwise.
     """
