@@ -7,9 +7,9 @@
 The trained part is only the head: MSE to the frozen VAE's latent of the seen image (the low-level
 path, layout and colour), optionally a batch-contrastive term on that latent, and optionally an
 image-embedding target (pooled features of a frozen vision encoder; used at predict time to pick the
-best of `n_candidates` img2img samples, as MindEye picks its best of several). Stable Diffusion (the VAE, UNet, text encoder) and the stage-2 model are
-frozen and never enter a checkpoint or the export (Contract 3): they are reloaded from their
-sources, which the export names.
+best of `n_candidates` img2img samples, as MindEye picks its best of several). Stable Diffusion (the
+VAE, UNet, text encoder) and the stage-2 model are frozen and never enter a checkpoint or the export
+(Contract 3): they are reloaded from their sources, which the export names.
 
 `predict` writes, under `predict_dir`:
     seen/<key>.png, caption_only/<key>.png, latent_only/<key>.png, full/<key>.png
@@ -165,7 +165,7 @@ class BrainReconstruct(StageModule):
         the same image are not negatives). MSE alone regresses to a blurred average that looks alike
         for many images; the contrastive term makes each predicted latent nearer its own image's than
         the others' in the batch, as MindEye trains its retrieval and low-level heads (docs/stage3.md:
-        latent-only PixCorr 0.32 -> 0.40, 2-way 0.56 -> 0.60 on the demo). 0: MSE only.
+        latent-only PixCorr 0.32 -> 0.40, 2-way 0.56 -> 0.59 on the demo). 0: MSE only.
     cache_brain: keep the frozen stage-2 model's output per distinct input (BrainRepresentation), so
         a head trained for many epochs does not rerun it every step. Costs host memory (distinct
         inputs x Q x H x 4 bytes); resumes then match the uninterrupted run to float round-off,
