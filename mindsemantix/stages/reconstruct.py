@@ -203,6 +203,10 @@ class BrainReconstruct(StageModule):
                  weight_decay: float = 0.05, warmup_steps: int = 50, **kwargs: Any):
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, **kwargs)
         self.save_hyperparameters()
+        # a bad setting fails here, before the stage-2 model and SD are loaded
+        if contrastive_weight < 0 or contrastive_temperature <= 0:
+            raise ValueError(f"contrastive_weight must be >= 0 and contrastive_temperature > 0, got "
+                             f"{contrastive_weight} and {contrastive_temperature}")
         init_config, init_tensors = load_export(init_from, EXPORT_KIND) if init_from else ({}, {})
         if init_from:  # the export fixes what the head was trained on
             # The head reads the stage-2 model it was trained with. An explicit align_export (a moved
@@ -218,9 +222,6 @@ class BrainReconstruct(StageModule):
 
         self.align_export, self.diffusion_source = str(align_export), str(diffusion)
         self.brain = BrainRepresentation.from_export(align_export, cache=cache_brain)
-        if contrastive_weight < 0 or contrastive_temperature <= 0:
-            raise ValueError(f"contrastive_weight must be >= 0 and contrastive_temperature > 0, got "
-                             f"{contrastive_weight} and {contrastive_temperature}")
         self.contrastive_weight, self.contrastive_temperature = contrastive_weight, contrastive_temperature
 
         pipe = load_stable_diffusion(diffusion, dtype=getattr(torch, diffusion_dtype), scheduler=scheduler)
