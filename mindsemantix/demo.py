@@ -10,11 +10,13 @@ atomically), so re-running skips finished steps and a training step that was cut
 its last checkpoint (`--ckpt_path last`). Timings go to `reports/<run>/demo_timings.json`.
 
 A step is reused only if it was made by the same command and the same config / recipe files (their
-contents, e.g. after a `git pull` that changed `stages/align.yaml`) as every step before it
-(`runs/.demo_steps.json` records a fingerprint of each), and no step before it ran in this
-invocation. Otherwise its output is moved aside (to `<output>.stale-<time>`, nothing is deleted)
-and it runs again. So deleting a step's output re-runs it and every step after it. Changes to the
-library code itself are not fingerprinted: `--force` re-runs everything.
+contents, e.g. after a `git pull` that changed `stages/align.yaml`) as every step it depends on
+(`runs/.demo_steps.json` records a fingerprint of each), and none of those ran in this invocation.
+Otherwise its output is moved aside (to `<output>.stale-<time>`, nothing is deleted) and it runs
+again. So deleting a step's output re-runs it and every step that depends on it. A step depends on
+the one before it unless it names what it reads (`Step.after`: the baselines read only the data and
+the toy SD, so a new stage-3 run does not redo them). Changes to the library code itself are not
+fingerprinted: `--force` re-runs everything.
 
 Paths: the simulated data under `data/<study>/` (`data/toyworld` for the default study; other seeds,
 subject counts and the tiny scale get their own folder), runs under `runs/<run>/<stage>/`, the
@@ -58,6 +60,7 @@ class Step:
     done: Path                      # exists once the step has finished
     resume_from: Path | None = None  # a run folder whose checkpoints/last.ckpt lets the step resume
     output: Path | None = None      # what the step writes (moved aside when stale); default: `done`
+    after: tuple[str, ...] | None = None  # names of the steps whose outputs it reads; None: the step before it
     fingerprint: str | None = None  # set by `fingerprint_steps`; None: reuse by `done` alone
 
 
@@ -140,29 +143,31 @@ def eval_steps(run: str, shards: Path, toy_sd: Path | None, root: Path = REPO) -
     return [
         Step("baselines", [*py, "-m", "mindsemantix.eval.baselines", "--data", str(shards), "--out", str(baselines),
                            *(["--diffusion", str(toy_sd)] if toy_sd else [])],
-             baselines / "baselines_info.json", output=baselines),
+             baselines / "baselines_info.json", output=baselines, after=("convert study", "train toy SD")),
         Step("evaluate + report", [*py, "-m", "mindsemantix.eval.report", "--out", str(report), "--run", run,
                                    "--baselines-dir", str(baselines), "--predictions", str(runs / "align" / "captions.jsonl"),
                                    *images, "--metrics-csv", *curves],
-             report / "eval.json"),
+             report / "eval.json", after=("stage 3: reconstruct (predict)", "baselines")),
     ]
 
 
 def fingerprint_steps(steps: Sequence[Step], root: Path) -> None:
     """Set each step's fingerprint: a hash of its command (paths relative to `root` and to this
     checkout, the interpreter left out), the contents of the checkout's configs and recipes it names
-    (`stages/`, `data_recipes/`) and the fingerprint of the step before it — so a change reaches
-    every later step."""
+    (`stages/`, `data_recipes/`) and the fingerprints of the steps it depends on — so a change
+    reaches every step downstream of it."""
+    done: dict[str, str] = {}
     previous = ""
     for step in steps:
-        h = hashlib.sha256(previous.encode())
+        h = hashlib.sha256("".join(done[name] for name in step.after).encode() if step.after is not None
+                           else previous.encode())
         for arg in step.command[1:]:  # [0] is the interpreter
             path = Path(arg)
             if path.is_file() and any(path.is_relative_to(REPO / d) for d in ("stages", "data_recipes")):
                 h.update(path.read_bytes())
                 arg = f"<repo>/{path.relative_to(REPO)}"
             h.update(arg.replace(str(root), "<root>").replace(str(REPO), "<repo>").encode() + b"\0")
-        step.fingerprint = previous = h.hexdigest()
+        step.fingerprint = previous = done[step.name] = h.hexdigest()
 
 
 def _move_aside(path: Path) -> Path:
@@ -189,16 +194,20 @@ def run_steps(steps: Sequence[Step], timings_path: Path, force: bool = False, re
         records = json.loads(records_path.read_text())
     total_start = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    earlier_ran = False  # once a step runs, the outputs of later ones were made from other inputs
+    ran: set[str] = set()  # once a step runs, the outputs of the steps that read it were made from other inputs
+    previous = None
     for i, step in enumerate(steps, 1):
+        upstream = step.after if step.after is not None else (previous,)
+        previous = step.name
+        upstream_ran = any(name in ran for name in upstream)
         header = f"[demo {i}/{len(steps)}] {step.name}"
         key = str(step.done)
         recorded = records.get(key)
         changed = step.fingerprint is not None and recorded is not None and recorded != step.fingerprint
         output = step.output or step.done
-        if (changed or earlier_ran or force) and output.exists():
+        if (changed or upstream_ran or force) and output.exists():
             why = ("--force" if force else "its command or a config / recipe it reads changed" if changed
-                   else "a step before it ran again")
+                   else "a step it reads ran again")
             aside = _move_aside(output)
             print(f"{header}: {why}: moved {_show(output)} aside to {_show(aside)}; running it again", flush=True)
         elif step.done.exists():
@@ -206,7 +215,7 @@ def run_steps(steps: Sequence[Step], timings_path: Path, force: bool = False, re
                 f"; made before step fingerprints were recorded: delete {_show(output)} to re-run it and the steps after it"
             print(f"{header}: done ({_show(step.done)}{note})", flush=True)
             continue
-        earlier_ran = True
+        ran.add(step.name)
         command = list(step.command)
         if step.resume_from is not None and (step.resume_from / "checkpoints" / "last.ckpt").is_file():
             command += ["--ckpt_path", "last"]

@@ -143,6 +143,21 @@ def test_loss_is_mse_on_masked_real_voxels_padding_excluded():
     assert run().loss.item() > out.loss.item() + 1e-3
 
 
+def test_loss_against_a_separate_target():
+    torch.manual_seed(0)
+    model = BrainEncoder(tiny())
+    model.add_subject("s", blob_coords(6.0)[:330])
+    x, y = torch.randn(8, 330), torch.randn(8, 330)
+    run = lambda **kw: model.forward_mae(x, "s", generator=torch.Generator().manual_seed(1), **kw)
+    own, crossed = run(), run(target=y)
+    torch.testing.assert_close(crossed.pred, own.pred)                  # the input alone decides the prediction
+    torch.testing.assert_close(crossed.loss, ((own.pred - y) ** 2)[own.mask].mean(), rtol=1e-5, atol=1e-6)
+    assert abs(crossed.loss.item() - own.loss.item()) > 1e-2
+    torch.testing.assert_close(run(target=x).loss, own.loss)
+    with pytest.raises(ValueError, match="target must have fmri's shape"):
+        run(target=y[:4])
+
+
 def test_loss_falls_below_predicting_the_mean_on_a_tiny_run():
     torch.manual_seed(0)
     coords = blob_coords(6.0)

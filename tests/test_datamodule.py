@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from conftest import make_tiny_dataset
 
 from mindsemantix.data.datamodule import BrainDataModule, SubjectBatchSampler, plan_batches
 from mindsemantix.data.shards import ShardError
@@ -54,6 +56,28 @@ def test_repetitions_random_in_training_mean_in_eval(tiny_dataset):
     dm_mean = BrainDataModule(str(tiny_dataset), batch_size=11, train_repetition="mean")
     b = next(iter(dm_mean.train_dataloader()))
     np.testing.assert_allclose(b["fmri"][:, 0].numpy(), b["image_id"].numpy() / 1000 + 1.0, atol=2e-3)
+
+
+def test_cross_repetition_target_is_the_mean_of_the_other_repetitions(tiny_dataset, tmp_path):
+    dm = BrainDataModule(str(tiny_dataset), batch_size=11, train_repetition="cross", seed=1)
+    pairs = set()
+    for epoch in range(4):
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        for b in loader:
+            base = b["image_id"].numpy()[:, None] / 1000 + np.arange(b["fmri"].shape[1])[None] / 1e4
+            r = np.round(b["fmri"][:, 0].numpy() - base[:, 0]).astype(int)      # the input's repetition
+            np.testing.assert_allclose(b["fmri"].numpy(), base + r[:, None], atol=2e-3)
+            others = (3 - r) / 2                                                  # mean of {0, 1, 2} minus r
+            np.testing.assert_allclose(b["fmri_target"].numpy(), base + others[:, None], atol=2e-3)
+            pairs |= set(zip(r.tolist(), others.tolist()))
+    assert pairs == {(0, 1.5), (1, 1.0), (2, 0.5)}
+    assert "fmri_target" not in next(iter(dm.val_dataloader()))                   # eval: the mean, no target
+    one = make_tiny_dataset(tmp_path / "one", reps=1)                              # nothing to cross with
+    b = next(iter(BrainDataModule(str(one), batch_size=11, train_repetition="cross").train_dataloader()))
+    assert torch.equal(b["fmri_target"], b["fmri"])
+    with pytest.raises(ValueError, match="train_repetition must be one of"):
+        BrainDataModule(str(tiny_dataset), train_repetition="median")
 
 
 def test_deterministic_from_seed_and_epoch(tiny_dataset):

@@ -141,3 +141,33 @@ def test_a_changed_config_reruns_its_step_and_later_ones_and_keeps_the_old_outpu
     demo.run_steps(steps(), root / "timings.json", records_path=records)
     assert stamps() == fourth
     assert "made before step fingerprints were recorded: delete" in capsys.readouterr().out
+
+
+def test_a_step_that_names_what_it_reads_is_not_redone_when_another_step_changes(tmp_path, monkeypatch, capsys):
+    from mindsemantix import demo
+
+    monkeypatch.setattr(demo, "REPO", tmp_path)
+    root, records = tmp_path / "root", tmp_path / "root" / "runs" / ".demo_steps.json"
+
+    def steps(b_extra: str = "") -> list[demo.Step]:
+        def step(name: str, *extra: str, after: tuple[str, ...] | None = None) -> demo.Step:
+            done = root / name / "done"
+            return demo.Step(name, [sys.executable, "-c", WRITE, str(done), *extra], done, output=root / name, after=after)
+        plan = [step("a"), step("b", b_extra), step("c", after=("a",))]  # c reads a's output only
+        demo.fingerprint_steps(plan, root)
+        return plan
+
+    def stamps() -> dict[str, str]:
+        return {n: (root / n / "done").read_text() for n in "abc"}
+
+    demo.run_steps(steps(), root / "timings.json", records_path=records)
+    first = stamps()
+    demo.run_steps(steps(b_extra="--changed"), root / "timings.json", records_path=records)
+    second = stamps()
+    assert second["b"] != first["b"] and second["a"] == first["a"]
+    assert second["c"] == first["c"]                              # b is not what c reads: reused
+    shutil.rmtree(root / "a")                                     # a re-runs, and both steps downstream of it
+    demo.run_steps(steps(b_extra="--changed"), root / "timings.json", records_path=records)
+    third = stamps()
+    assert all(third[n] != second[n] for n in "abc")
+    assert "a step it reads ran again" in capsys.readouterr().out

@@ -6,6 +6,7 @@ for its per-subject ridge layers). Batch dict, per docs/architecture.md:
 
     subject: str   fmri: (B, V_subject) float32   key: list[str]   image_id: (B,) long
     captions: list[list[str]] (if requested)       image: (B, 3, H, W) uint8 (if requested)
+    fmri_target: (B, V_subject) float32 (training with train_repetition "cross" only)
 
 Distributed guarantees (the WebDataset-under-DDP pitfalls in DESIGN.md cannot happen here):
 - the whole epoch is planned from (seed, epoch) alone, identically on every rank: every sample
@@ -37,6 +38,7 @@ from mindsemantix.data.shards import FIELD_EXT, SampleReader, SampleRef, ShardDa
 log = logging.getLogger(__name__)
 
 FIELDS = ("fmri", "captions", "image")
+REPETITIONS = ("random", "mean", "cross")
 
 
 @dataclass
@@ -128,8 +130,8 @@ class SampleSet(Dataset):
 
     def __init__(self, refs: list[SampleRef], fields: Sequence[str], repetition: str, seed: int,
                  image_size: int | None, on_error: str):
-        if repetition not in ("random", "mean"):
-            raise ValueError(f"repetition must be 'random' or 'mean', got {repetition!r}")
+        if repetition not in REPETITIONS:
+            raise ValueError(f"repetition must be one of {REPETITIONS}, got {repetition!r}")
         self.refs, self.fields, self.repetition, self.seed = refs, tuple(fields), repetition, seed
         self.image_size, self.on_error = image_size, on_error
         self.reader = SampleReader()
@@ -141,12 +143,18 @@ class SampleSet(Dataset):
         index, epoch = item
         ref = self.refs[index]
         try:
-            fmri = self.reader.fmri(ref)  # (R, V)
+            repetitions = self.reader.fmri(ref)  # (R, V)
+            target = None
             if self.repetition == "mean":
-                fmri = fmri.mean(0)
+                fmri = repetitions.mean(0)
             else:  # one repetition, drawn from (seed, epoch, sample) only: identical after a resume
-                fmri = fmri[np.random.default_rng([self.seed, epoch, index]).integers(len(fmri))]
+                r = np.random.default_rng([self.seed, epoch, index]).integers(len(repetitions))
+                fmri = repetitions[r]
+                if self.repetition == "cross":  # the other repetitions' mean: same stimulus, other noise
+                    target = np.delete(repetitions, r, axis=0).mean(0) if len(repetitions) > 1 else fmri
             sample = {"key": ref.key, "subject": ref.subject, "image_id": ref.image_id, "fmri": fmri}
+            if target is not None:
+                sample["fmri_target"] = target
             if "captions" in self.fields:
                 sample["captions"] = self.reader.json(ref, "captions")
             if "image" in self.fields:
@@ -173,6 +181,8 @@ def collate(samples: list[dict[str, Any] | None]) -> dict[str, Any]:
         "fmri": torch.from_numpy(np.stack([s["fmri"] for s in good])),  # (B, V)
         "n_skipped": len(samples) - len(good),
     }
+    if "fmri_target" in good[0]:
+        batch["fmri_target"] = torch.from_numpy(np.stack([s["fmri_target"] for s in good]))  # (B, V)
     if "captions" in good[0]:
         batch["captions"] = [s["captions"] for s in good]
     if "image" in good[0]:
@@ -244,8 +254,10 @@ class BrainDataModule(L.LightningDataModule):
         batch_size: training batch size (batches are per subject; see plan_batches).
         eval_batch_size: val/test/predict batch size (default: batch_size).
         fields: what each sample carries beyond fmri: "captions" (stage 2), "image" (stages 2-3).
-        train_repetition: "random" (one repetition, redrawn each epoch) or "mean" of repetitions.
-            val/test/predict always use the mean.
+        train_repetition: "random" (one repetition, redrawn each epoch), "mean" of repetitions, or
+            "cross": one random repetition as `fmri` and the mean of the image's *other* repetitions
+            as `fmri_target` (Noise2Noise: same stimulus, independent noise; a sample with one
+            repetition is its own target). val/test/predict always use the mean.
         subjects: use only these subjects (default: all).
         image_size: resize images to this square size (default: as stored).
         num_workers: DataLoader worker processes per rank.
@@ -270,8 +282,8 @@ class BrainDataModule(L.LightningDataModule):
         unknown = [f for f in self.fields if f not in FIELDS]
         if unknown:
             raise ValueError(f"fields: unknown {unknown}; choose from {FIELDS}")
-        if train_repetition not in ("random", "mean"):
-            raise ValueError(f"train_repetition must be 'random' or 'mean', got {train_repetition!r}")
+        if train_repetition not in REPETITIONS:
+            raise ValueError(f"train_repetition must be one of {REPETITIONS}, got {train_repetition!r}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size

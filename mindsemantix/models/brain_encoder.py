@@ -490,9 +490,11 @@ class BrainEncoder(nn.Module):
         return self.norm(x)
 
     def forward_mae(self, fmri: Tensor, subject: str, mask_ratio: float | None = None,
-                    generator: torch.Generator | None = None) -> MAEOutput:
+                    generator: torch.Generator | None = None, target: Tensor | None = None) -> MAEOutput:
         """Masked-autoencoder pass. A fresh random mask per sample (pass a seeded `generator`
-        on fmri's device for a reproducible validation loss)."""
+        on fmri's device for a reproducible validation loss). `target` (B, V): what the hidden
+        patches are scored against (default: `fmri` itself; e.g. another repetition's response to
+        the same image, so that only the stimulus-driven part is predictable)."""
         if self.decoder is None:
             raise RuntimeError("this BrainEncoder was built without its MAE decoder (with_decoder=False); "
                                "load the export with with_decoder=True to pretrain or add subjects")
@@ -501,6 +503,9 @@ class BrainEncoder(nn.Module):
         if not 0.0 < ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {ratio}")
         patches = tok.patchify(self._check_fmri(fmri, subject, tok))     # (B, N, P)
+        target_patches = patches if target is None else tok.patchify(self._check_fmri(target, subject, tok))
+        if target_patches.shape != patches.shape:
+            raise ValueError(f"target must have fmri's shape {tuple(fmri.shape)}, got {tuple(target.shape)}")
         B, N, P = patches.shape
         if N < 2:
             raise ValueError(f"subject {subject!r} has {tok.n_voxels} voxels = {N} token; masked modelling "
@@ -536,7 +541,7 @@ class BrainEncoder(nn.Module):
         patch_mask = torch.ones(B, N, dtype=torch.bool, device=patches.device)
         patch_mask.scatter_(1, keep, False)                                # (B, N) True = masked
         counted = patch_mask[:, :, None] & tok.valid                       # (B, N, P) masked, not padding
-        loss = ((pred - patches.float()) ** 2).masked_fill(~counted, 0.0).sum() / counted.sum()
+        loss = ((pred - target_patches.float()) ** 2).masked_fill(~counted, 0.0).sum() / counted.sum()
         voxel_mask = patch_mask[:, tok.voxel_patch]                        # (B, V)
         return MAEOutput(loss=loss, pred=tok.unpatchify(pred), mask=voxel_mask, patch_mask=patch_mask)
 

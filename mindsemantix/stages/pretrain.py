@@ -85,7 +85,8 @@ class BrainMAE(StageModule):
         return {id(p): self.hparams.subject_lr_scale for s in self.encoder.subjects for p in self.encoder.subject_parameters(s)}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
-        out = self.encoder.forward_mae(batch["fmri"], batch["subject"])
+        # fmri_target: the mean of the image's other repetitions (data.train_repetition: cross)
+        out = self.encoder.forward_mae(batch["fmri"], batch["subject"], target=batch.get("fmri_target"))
         loss = self.guard_loss(out.loss, batch)
         if loss is not None:
             self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["key"]))
