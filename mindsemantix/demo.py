@@ -151,23 +151,26 @@ def eval_steps(run: str, shards: Path, toy_sd: Path | None, root: Path = REPO) -
     ]
 
 
+def _reads(steps: Sequence[Step]) -> list[tuple[str, ...]]:
+    """Per step, the names of the steps whose outputs it reads: `after`, else the step before it."""
+    return [s.after if s.after is not None else (steps[i - 1].name,) if i else () for i, s in enumerate(steps)]
+
+
 def fingerprint_steps(steps: Sequence[Step], root: Path) -> None:
     """Set each step's fingerprint: a hash of its command (paths relative to `root` and to this
     checkout, the interpreter left out), the contents of the checkout's configs and recipes it names
     (`stages/`, `data_recipes/`) and the fingerprints of the steps it depends on — so a change
     reaches every step downstream of it."""
     done: dict[str, str] = {}
-    previous = ""
-    for step in steps:
-        h = hashlib.sha256("".join(done[name] for name in step.after).encode() if step.after is not None
-                           else previous.encode())
+    for step, reads in zip(steps, _reads(steps)):
+        h = hashlib.sha256("".join(done[name] for name in reads).encode())
         for arg in step.command[1:]:  # [0] is the interpreter
             path = Path(arg)
             if path.is_file() and any(path.is_relative_to(REPO / d) for d in ("stages", "data_recipes")):
                 h.update(path.read_bytes())
                 arg = f"<repo>/{path.relative_to(REPO)}"
             h.update(arg.replace(str(root), "<root>").replace(str(REPO), "<repo>").encode() + b"\0")
-        step.fingerprint = previous = done[step.name] = h.hexdigest()
+        step.fingerprint = done[step.name] = h.hexdigest()
 
 
 def _move_aside(path: Path) -> Path:
@@ -195,11 +198,8 @@ def run_steps(steps: Sequence[Step], timings_path: Path, force: bool = False, re
     total_start = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ran: set[str] = set()  # once a step runs, the outputs of the steps that read it were made from other inputs
-    previous = None
-    for i, step in enumerate(steps, 1):
-        upstream = step.after if step.after is not None else (previous,)
-        previous = step.name
-        upstream_ran = any(name in ran for name in upstream)
+    for i, (step, reads) in enumerate(zip(steps, _reads(steps)), 1):
+        upstream_ran = any(name in ran for name in reads)
         header = f"[demo {i}/{len(steps)}] {step.name}"
         key = str(step.done)
         recorded = records.get(key)
