@@ -241,6 +241,8 @@ def run_steps(steps: Sequence[Step], timings_path: Path, force: bool = False, re
 
 def summarize(report: Path) -> str:
     """Model vs every baseline on the headline metrics, from eval.json (honest: says where it loses)."""
+    from mindsemantix.eval.report import paired_verdict
+
     evaluation = json.loads((report / "eval.json").read_text())
     lines = []
     model, baselines = evaluation.get("metrics", {}), evaluation.get("baselines", {})
@@ -252,7 +254,13 @@ def summarize(report: Path) -> str:
             continue
         best = max(others, key=others.get)
         verdict = "beats" if model[metric] > others[best] else "does NOT beat"
-        lines.append(f"  {metric:20s} model {model[metric]:.4f} {verdict} the best baseline ({best} {others[best]:.4f})")
+        line = f"  {metric:20s} model {model[metric]:.4f} {verdict} the best baseline ({best} {others[best]:.4f})"
+        paired = evaluation.get("paired", {}).get(best, {}).get(metric)
+        if paired:  # is the gap larger than this test set's noise? (image by image, eval.md)
+            meaning = {"above": "interval above 0", "below": "interval below 0",
+                       "level": "level: the interval contains 0"}[paired_verdict(paired)]
+            line += f"; paired {paired['difference']:+.4f} [{paired['low']:+.4f}, {paired['high']:+.4f}], {meaning}"
+        lines.append(line)
     return "\n".join(lines)
 
 

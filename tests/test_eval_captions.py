@@ -80,6 +80,8 @@ def test_equals_pycocoevalcap_run_directly(meteor_jar):
     expected = {"BLEU-1": bleu[0], "BLEU-2": bleu[1], "BLEU-3": bleu[2], "BLEU-4": bleu[3],
                 "METEOR": meteor_jar.scorer.compute_score(gts, res)[0],  # pycocoevalcap's Meteor object itself
                 "ROUGE-L": Rouge().compute_score(gts, res)[0], "CIDEr": Cider().compute_score(gts, res)[0]}
+    per_image = {"ROUGE-L": dict(zip(gts, Rouge().compute_score(gts, res)[1])),
+                 "CIDEr": dict(zip(gts, Cider().compute_score(gts, res)[1]))}
 
     result = C.score_captions(PREDICTIONS, REFERENCES, sentence_encoder=None, meteor=meteor_jar, spice="off")
     assert result["info"]["meteor_impl"] == "pycocoevalcap-1.5-java"
@@ -87,6 +89,9 @@ def test_equals_pycocoevalcap_run_directly(meteor_jar):
     assert set(result["metrics"]) == set(expected)
     for name, value in expected.items():
         assert result["metrics"][name] == pytest.approx(value, abs=1e-9), name
+    assert set(result["per_image"]) == set(per_image) and result["keys"] == sorted(PREDICTIONS)
+    for name, by_key in per_image.items():  # per image, in `keys` order, as pycocoevalcap scores each
+        assert result["per_image"][name] == pytest.approx([by_key[k] for k in result["keys"]], abs=1e-9), name
     # not a degenerate fixture: the metrics spread over their range
     assert 0.3 < result["metrics"]["BLEU-1"] < 0.9 and 0 < result["metrics"]["BLEU-4"] < result["metrics"]["BLEU-1"]
     assert result["metrics"]["CIDEr"] > 0.1
@@ -203,6 +208,7 @@ def test_sentence_sim_best_match_and_mean():
     refs = {"a": ["red car", "green tree"], "b": ["blue sea", "grey sky", "dark night"]}
     enc = BagOfWords([*preds.values(), *(r for v in refs.values() for r in v)])
     assert C.sentence_similarity(preds, refs, enc, "best") == pytest.approx((1.0 + 0.5) / 2)
+    assert C.sentence_similarity_per_image(preds, refs, enc, "best") == pytest.approx([1.0, 0.5])
     assert C.sentence_similarity(preds, refs, enc, "mean") == pytest.approx(((1.0 + 0.0) / 2 + (0.5 + 0.5 + 0) / 3) / 2)
     with pytest.raises(ValueError):
         C.sentence_similarity(preds, refs, enc, "median")

@@ -93,6 +93,10 @@ def test_two_way_identification_definition():
     pred = target + rng.normal(scale=2.0, size=target.shape)  # partly informative
     assert I.two_way_identification(pred, target) == pytest.approx(brute_force_two_way(pred, target), abs=1e-12)
     assert I.two_way_identification(target, target) == 1.0
+    per_image = I.two_way_per_image(pred, target)  # prediction j: share of the other targets it beats
+    r = np.corrcoef(target, pred)[:30, 30:]
+    assert per_image[3] == pytest.approx(np.mean([r[i, 3] < r[3, 3] for i in range(30) if i != 3]))
+    assert per_image.mean() == pytest.approx(I.two_way_identification(pred, target), abs=1e-12)
     shuffled = [I.two_way_identification(rng.normal(size=(200, 64)), rng.normal(size=(200, 64))) for _ in range(3)]
     assert np.mean(shuffled) == pytest.approx(0.5, abs=0.03)
 
@@ -100,8 +104,12 @@ def test_two_way_identification_definition():
 def test_two_way_of_shuffled_predictions_is_chance():
     imgs = noise(40, 16, seed=6)
     order = torch.from_numpy(np.random.default_rng(7).permutation(40))
-    m = I.score_images(imgs[order], imgs, feature_nets=[pixels_net()], size=32)["metrics"]  # small: fast
+    result = I.score_images(imgs[order], imgs, feature_nets=[pixels_net()], size=32)  # small: fast
+    m = result["metrics"]
     assert m["TwoWay-Pixels"] == pytest.approx(0.5, abs=0.12)
+    assert set(result["per_image"]) == {"PixCorr", "SSIM", "TwoWay-Pixels"}
+    for metric, values in result["per_image"].items():  # each metric is the mean of its per-image values
+        assert len(values) == 40 and np.mean(values) == pytest.approx(m[metric], abs=1e-12), metric
 
 
 def test_offline_efficientnet_lite0_net():

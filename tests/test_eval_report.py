@@ -163,7 +163,20 @@ def test_baselines_and_report_end_to_end(tiny_dataset, tmp_path, monkeypatch):
     assert ev["implementations"]["captions"]["meteor_impl"].startswith("unavailable")
     assert ev["implementations"]["captions"]["tokenizer_impl"].startswith("nltk") and ev["versions"]["java"] is None
 
+    # paired differences: image by image, over the same keys, for the metrics that are means over images
+    paired = ev["paired"]
+    assert set(paired) == {"chance", "ridge_retrieval"}
+    assert {"PixCorr", "SSIM", "TwoWay-EfficientNetLite0", "ROUGE-L", "CIDEr"} <= set(paired["chance"])
+    assert "BLEU-4" not in paired["chance"]  # a corpus statistic: no per-image values
+    for metric in ("PixCorr", "CIDEr"):
+        e = paired["chance"][metric]
+        assert e["difference"] == pytest.approx(ev["metrics"][metric] - ev["baselines"]["chance"][metric], abs=1e-9)
+        assert e["n"] == 8 and e["low"] <= e["difference"] <= e["high"]
+    assert paired["chance"]["PixCorr"]["low"] > 0.5  # perfect reconstructions against shuffled textures
+    assert set(paired["ridge_retrieval"]) == {"ROUGE-L", "CIDEr"}  # a caption baseline: caption metrics only
+
     md = (out / "eval.md").read_text()
+    assert "## Model minus each baseline, image by image" in md and "| model minus | chance | ridge_retrieval |" in md
     assert "| metric | model | chance | ridge_retrieval | ceiling (refs vs refs) |" in md
     assert "not comparable to the simulated study" in md and "UMBRAE" in md and "MindEye2" in md
     assert "METEOR: unavailable: turned off" in md and "no TwoWay-AlexNet: no weights given" in md
@@ -187,3 +200,29 @@ def test_anchor_numbers_are_fractions_with_sources():
         assert anchor["source"] and anchor["task"] in ("captions", "images")
         for name, value in anchor["metrics"].items():
             assert 0 <= value <= 1, (anchor["method"], name)
+
+
+def test_paired_bootstrap_interval():
+    rng = np.random.default_rng(1)
+    d = rng.normal(0.1, 1.0, 400)
+    mean, low, high = R.paired_bootstrap(d)
+    assert mean == pytest.approx(d.mean()) and low < mean < high
+    # the normal-theory 95% interval of a mean: +-1.96 standard errors
+    assert (high - low) == pytest.approx(2 * 1.96 * d.std() / np.sqrt(len(d)), rel=0.1)
+    assert R.paired_bootstrap(d) == (mean, low, high)  # seeded
+    assert R.paired_bootstrap(np.full(50, 0.25)) == pytest.approx((0.25, 0.25, 0.25))
+    with pytest.raises(ValueError, match="at least 2"):
+        R.paired_bootstrap(np.array([1.0]))
+
+
+def test_paired_differences_pair_images_by_key_and_give_a_verdict():
+    model = {"PixCorr": {"a": 0.5, "b": 0.6, "c": 0.7}, "SSIM": {"a": 0.5}}
+    baseline = {"PixCorr": {"c": 0.6, "b": 0.5, "a": 0.4, "z": 9.0}, "SSIM": {"a": 0.4}, "CIDEr": {"a": 1.0}}
+    out = R.paired_differences(model, baseline)
+    assert set(out) == {"PixCorr"}  # SSIM: one common image; CIDEr: not scored for the model
+    assert out["PixCorr"]["n"] == 3 and out["PixCorr"]["difference"] == pytest.approx(0.1)
+    assert R.paired_verdict(out["PixCorr"]) == "above"
+    assert R.paired_verdict({"low": -0.01, "high": 0.02}) == "level"
+    assert R.paired_verdict({"low": -0.03, "high": -0.01}) == "below"
+    table = R.paired_table({"baselines": {"x": {}}, "paired": {"x": out}})
+    assert "| PixCorr | +0.100 [+0.100, +0.100] |" in table

@@ -430,6 +430,12 @@ def sentence_similarity(predictions: Mapping[str, str], references: Mapping[str,
                         reduce: str = "best") -> float:
     """Mean over images of the cosine between the prediction's and the references' embeddings,
     reduced over references by max ("best": BrainHub's SentenceScore) or mean ("mean")."""
+    return float(np.mean(sentence_similarity_per_image(predictions, references, encoder, reduce)))
+
+
+def sentence_similarity_per_image(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]], encoder,
+                                  reduce: str = "best") -> np.ndarray:
+    """(N,) per image in the order of `predictions`: see `sentence_similarity`."""
     if reduce not in ("best", "mean"):
         raise ValueError(f"sentence_sim must be 'best' or 'mean', got {reduce!r}")
     keys = list(predictions)
@@ -441,7 +447,7 @@ def sentence_similarity(predictions: Mapping[str, str], references: Mapping[str,
         sims = ref_emb[start:start + len(references[k])] @ pred_emb[i]
         start += len(references[k])
         per_image.append(sims.max() if reduce == "best" else sims.mean())
-    return float(np.mean(per_image))
+    return np.asarray(per_image, dtype=np.float64)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -503,7 +509,8 @@ def score_captions(predictions: Mapping[str, str], references: Mapping[str, Sequ
     tokenizer: "auto" (PTB via Java if available, else nltk Treebank), "java", "nltk", or a
       `CaptionTokenizer` to share one tokenizer run across calls.
 
-    Returns {"metrics": {Contract-4 key: float}, "info": {implementations, counts, settings}}.
+    Returns {"metrics": {Contract-4 key: float}, "info": {implementations, counts, settings}, "keys": sorted
+    keys, "per_image": {metric: [value per key]}} for ROUGE-L, CIDEr and SentenceSim (means over images).
     """
     check_caption_inputs(predictions, references)
     keys = sorted(predictions)
@@ -545,8 +552,11 @@ def score_captions(predictions: Mapping[str, str], references: Mapping[str, Sequ
         info["meteor_impl"] = f"unavailable: {meteor_reason}"
         log.warning("METEOR left out: %s", meteor_reason)
 
-    metrics["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
-    metrics["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    # Per image, in `keys` order, for the metrics that are means over images (pycocoevalcap's ROUGE-L and
+    # CIDEr-D iterate `gts` in insertion order); BLEU and METEOR are corpus-level statistics.
+    per_image: dict[str, np.ndarray] = {}
+    metrics["ROUGE-L"], per_image["ROUGE-L"] = Rouge().compute_score(gts, res)
+    metrics["CIDEr"], per_image["CIDEr"] = Cider().compute_score(gts, res)
 
     if sentence_encoder is not None:
         if isinstance(sentence_encoder, (str, os.PathLike)):
@@ -558,7 +568,9 @@ def score_captions(predictions: Mapping[str, str], references: Mapping[str, Sequ
             info["sentence_encoder"] = sentence_encoder.source
         else:
             info["sentence_encoder"] = type(sentence_encoder).__name__
-        metrics["SentenceSim"] = sentence_similarity(predictions, references, sentence_encoder, sentence_sim)
+        per_image["SentenceSim"] = sentence_similarity_per_image({k: predictions[k] for k in keys}, references,
+                                                                 sentence_encoder, sentence_sim)
+        metrics["SentenceSim"] = per_image["SentenceSim"].mean()
         info["sentence_sim"] = {"best": "max over references, mean over images (BrainHub)",
                                 "mean": "mean over references, mean over images"}[sentence_sim]
 
@@ -592,8 +604,9 @@ def score_captions(predictions: Mapping[str, str], references: Mapping[str, Sequ
     for name, value in metrics.items():
         if not math.isfinite(value):
             raise RuntimeError(f"{name} is {value}: check the inputs")
-    ordered = {k: metrics[k] for k in CORE_KEYS + OPTIONAL_KEYS if k in metrics}
-    return {"metrics": ordered, "info": info}
+    ordered = {k: float(metrics[k]) for k in CORE_KEYS + OPTIONAL_KEYS if k in metrics}
+    return {"metrics": ordered, "info": info, "keys": keys,
+            "per_image": {k: np.asarray(v, dtype=np.float64).tolist() for k, v in per_image.items()}}
 
 
 def reference_ceiling(references: Mapping[str, Sequence[str]], **score_kwargs) -> dict[str, Any]:

@@ -173,6 +173,13 @@ def ssim_gray(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
 def two_way_identification(pred_features: torch.Tensor | np.ndarray, target_features: torch.Tensor | np.ndarray
                            ) -> float:
     """MindEye's 2-way identification from (N, D) feature rows of predictions and targets."""
+    return float(two_way_per_image(pred_features, target_features).mean())
+
+
+def two_way_per_image(pred_features: torch.Tensor | np.ndarray, target_features: torch.Tensor | np.ndarray
+                      ) -> np.ndarray:
+    """(N,): for each prediction j, the share of the other targets i that correlate with it less than
+    its own target does; the mean is MindEye's 2-way identification."""
     # float64 unless the features are huge (AlexNet features.4 of 1000 images: 1.8e8 values)
     big = np.prod(np.shape(pred_features)) > 5e7
     dtype = np.float32 if big else np.float64
@@ -189,7 +196,7 @@ def two_way_identification(pred_features: torch.Tensor | np.ndarray, target_feat
     r = standardise(target) @ standardise(pred).T  # r[i, j] = corr(target_i, pred_j), (N, N)
     congruent = np.diag(r)  # corr(target_j, pred_j)
     wins = (r < congruent[None, :]).sum(0)  # over targets i; the diagonal never counts (not <)
-    return float(wins.mean() / (n - 1))
+    return wins / (n - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +211,8 @@ def score_images(pred: Any, target: Any, feature_nets: Sequence[FeatureNet] | No
     pred, target: uint8 (N,3,H,W) tensors/arrays or lists of PIL images (sizes may differ).
     feature_nets: the nets for `TwoWay-<name>`; None builds the offline EfficientNet-Lite0 plus the
       nets whose `weights` paths are given (keys alexnet, inception, effnet_b1, swav, clip).
-    Returns {"metrics": {"PixCorr", "SSIM", "TwoWay-<net>"...}, "info": {...}}.
+    Returns {"metrics": {"PixCorr", "SSIM", "TwoWay-<net>"...}, "info": {...}, "per_image": {metric: [N
+    values, pair i first]}} (each metric is the mean of its per-image values).
     """
     return score_image_sets({"": pred}, target, feature_nets, weights=weights, size=size)[""]
 
@@ -249,11 +257,12 @@ def score_image_sets(predictions: Mapping[str, Any], target: Any, feature_nets: 
     results = {}
     target_batch = _stack_uint8(targets)
     for name, preds in sets.items():
-        metrics = {"PixCorr": float(np.mean(pixcorr[name])), "SSIM": float(np.mean(ssim[name]))}
+        per_image = {"PixCorr": np.asarray(pixcorr[name], dtype=np.float64),
+                     "SSIM": np.asarray(ssim[name], dtype=np.float64)}
         pred_batch = _stack_uint8(preds)
         for net in feature_nets:  # a net keeps features per image: the targets' are computed once
-            metrics[f"TwoWay-{net.name}"] = two_way_identification(net.features(pred_batch),
-                                                                   net.features(target_batch))
+            per_image[f"TwoWay-{net.name}"] = two_way_per_image(net.features(pred_batch), net.features(target_batch))
+        metrics = {k: float(v.mean()) for k, v in per_image.items()}
         n_constant = int(sum(float(im.double().std()) == 0.0 for im in preds + targets))
         info = {
             "n_images": len(preds),
@@ -266,7 +275,7 @@ def score_image_sets(predictions: Mapping[str, Any], target: Any, feature_nets: 
             "feature_nets_unavailable": unavailable,
             "n_constant_images": n_constant,
         }
-        results[name] = {"metrics": metrics, "info": info}
+        results[name] = {"metrics": metrics, "info": info, "per_image": {k: v.tolist() for k, v in per_image.items()}}
     return results
 
 
@@ -319,6 +328,7 @@ def score_image_folder_sets(pred_dirs: Mapping[str, str | os.PathLike], target_d
         scored = score_image_sets({n: [preds[n][k] for k in keys] for n in names}, [targets[k] for k in keys], **kwargs)
         for name, result in scored.items():
             result["info"]["keys_without_prediction"] = len(extra)
+            result["keys"] = list(keys)  # the order of `per_image`
             results[name] = result
     return {name: results[name] for name in pred_dirs}
 

@@ -4,8 +4,10 @@
 ceiling in one run (one METEOR JVM for all of it); `write_report` writes
 - eval.json: `metrics` (model), `baselines.<name>` (same keys), `ceiling`, `versions`, plus
   `implementations` (which METEOR / tokenizer / feature nets produced the numbers) and
-  `anchors_nsd` (published numbers, context only);
-- eval.md: a side-by-side table of model, baselines and ceiling, the anchors' published NSD numbers
+  `anchors_nsd` (published numbers, context only), and `paired.<baseline>.<metric>`: model minus
+  baseline image by image with a bootstrap interval (`paired_method`), which says whether a gap is
+  larger than this test set's noise;
+- eval.md: a side-by-side table of model, baselines and ceiling, the paired differences, the anchors' published NSD numbers
   in a separate table labelled as not comparable, notes, and the pictures:
 - metrics.png (bar chart), samples.png (seen image | reconstructions, with captions),
   curves.png (training curves from Lightning CSVLogger `metrics.csv` files).
@@ -103,6 +105,7 @@ def evaluate_run(*, references: str | os.PathLike | Mapping[str, Sequence[str]],
 
     seen = image_metrics.read_image_folder(seen_images) if seen_images is not None else None
     scored: dict[str, dict[str, float]] = {}
+    per_image: dict[str, dict[str, dict[str, float]]] = {}  # set -> metric -> {key: value}
     implementations: dict[str, Any] = {}
     ceiling_result = None
     if caption_sets or ceiling:
@@ -127,6 +130,7 @@ def evaluate_run(*, references: str | os.PathLike | Mapping[str, Sequence[str]],
             for name, preds in caption_sets.items():
                 result = caption_metrics.score_captions(preds, refs, **kwargs)
                 scored.setdefault(name, {}).update(result["metrics"])
+                _add_per_image(per_image, name, result)
                 implementations.setdefault("captions", result["info"])
             if ceiling:
                 ceiling_result = caption_metrics.reference_ceiling(refs, **kwargs)
@@ -141,19 +145,64 @@ def evaluate_run(*, references: str | os.PathLike | Mapping[str, Sequence[str]],
     for name, result in image_results.items():
         result["info"]["feature_nets_unavailable"] = unavailable
         scored.setdefault(name, {}).update(result["metrics"])
+        _add_per_image(per_image, name, result)
         implementations.setdefault("images", result["info"])
 
     model = scored.pop("model", {})
     baselines = {name: scored[name] for name in sorted(scored, key=_baseline_rank)}
+    paired = {name: paired_differences(per_image.get("model", {}), per_image[name])
+              for name in baselines if name in per_image}
     return {
         "metrics": model,
         "baselines": baselines,
+        "paired": {name: diffs for name, diffs in paired.items() if diffs},
+        "paired_method": PAIRED_METHOD,
         "ceiling": ceiling_result["metrics"] if ceiling_result else {},
         "versions": versions(seed=seed, data=data),
         "implementations": implementations,
         "anchors_nsd": ANCHORS_NSD,
         "n_images": {"captions": len(refs), "images": len(seen) if seen else 0},
     }
+
+
+def _add_per_image(per_image: dict[str, dict[str, dict[str, float]]], name: str, result: Mapping[str, Any]) -> None:
+    for metric, values in result.get("per_image", {}).items():
+        per_image.setdefault(name, {})[metric] = dict(zip(result["keys"], values, strict=True))
+
+
+PAIRED_METHOD = ("Model minus baseline, mean over the images both scored, with a 95% percentile bootstrap interval "
+                 "(10,000 resamples of the images, seed 0); only for metrics that are means over images "
+                 "(BLEU and METEOR are corpus statistics: no interval)")
+
+
+def paired_bootstrap(differences: np.ndarray, n_resamples: int = 10_000, seed: int = 0, level: float = 0.95
+                     ) -> tuple[float, float, float]:
+    """Mean of per-image differences (N,) and its percentile bootstrap interval: resampling the images
+    keeps each image's pairing, so the interval reflects how consistently one side wins, not the
+    spread of the metric over images."""
+    d = np.asarray(differences, dtype=np.float64)
+    if d.ndim != 1 or len(d) < 2:
+        raise ValueError(f"need a 1-D array of at least 2 differences, got shape {d.shape}")
+    rng = np.random.default_rng(seed)
+    means = np.concatenate([d[rng.integers(0, len(d), (min(1000, n_resamples - i), len(d)))].mean(1)
+                            for i in range(0, n_resamples, 1000)])  # (n_resamples,), 1,000 at a time
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(d.mean()), float(low), float(high)
+
+
+def paired_differences(model: Mapping[str, Mapping[str, float]], baseline: Mapping[str, Mapping[str, float]]
+                       ) -> dict[str, dict[str, float]]:
+    """{metric: {"difference", "low", "high", "n"}} for the metrics both sides scored per image, over
+    the images both scored."""
+    out = {}
+    for metric in model.keys() & baseline.keys():
+        keys = sorted(model[metric].keys() & baseline[metric].keys())
+        if len(keys) < 2:
+            continue
+        diff = np.array([model[metric][k] - baseline[metric][k] for k in keys])
+        mean, low, high = paired_bootstrap(diff)
+        out[metric] = {"difference": mean, "low": low, "high": high, "n": len(keys)}
+    return {m: out[m] for m in sorted(out)}
 
 
 def _baseline_rank(name: str) -> tuple[int, str]:
@@ -192,11 +241,37 @@ def markdown_table(evaluation: Mapping[str, Any]) -> str:
     """Rows = metrics; columns = model, baselines, ceiling."""
     columns = [("model", evaluation["metrics"])] + list(evaluation["baselines"].items()) + \
               [("ceiling (refs vs refs)", evaluation["ceiling"])]
-    keys = [k for k in CAPTION_KEYS if any(k in c for _, c in columns)]
-    keys += sorted({k for _, c in columns for k in c} - set(keys), key=lambda k: (not k.startswith(("PixCorr", "SSIM")), k))
+    keys = _metric_order({k for _, c in columns for k in c})
     lines = ["| metric | " + " | ".join(name for name, _ in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     lines += [f"| {k} | " + " | ".join(_fmt(c.get(k)) for _, c in columns) + " |" for k in keys]
+    return "\n".join(lines)
+
+
+def _metric_order(keys: set[str]) -> list[str]:
+    ordered = [k for k in CAPTION_KEYS if k in keys]
+    return ordered + sorted(keys - set(ordered), key=lambda k: (not k.startswith(("PixCorr", "SSIM")), k))
+
+
+def paired_verdict(entry: Mapping[str, float]) -> str:
+    """"above" / "below" when the paired interval excludes 0, else "level"."""
+    return "above" if entry["low"] > 0 else "below" if entry["high"] < 0 else "level"
+
+
+def paired_table(evaluation: Mapping[str, Any]) -> str:
+    """Rows = metrics; columns = baselines; cells = model minus baseline [95% interval]."""
+    paired = evaluation.get("paired", {})
+    names = [n for n in evaluation.get("baselines", {}) if n in paired] or list(paired)
+    if not names:
+        return ""
+    lines = ["| model minus | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for metric in _metric_order({m for n in names for m in paired[n]}):
+        cells = []
+        for n in names:
+            e = paired[n].get(metric)
+            cells.append("—" if e is None else f"{e['difference']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}]"
+                         + ("" if paired_verdict(e) == "above" else f" ({paired_verdict(e)})"))
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -250,7 +325,12 @@ def write_report(out_dir: str | os.PathLike, evaluation: Mapping[str, Any], *, r
           f"{v.get('date', '')}.", "",
           "## Model, baselines and ceiling (this study)", "", markdown_table(evaluation), "",
           "Values in [0, 1] except CIDEr; higher is better. Caption metrics: BrainHub protocol; image metrics: "
-          "MindEye definitions (docs/eval.md).", "", "## How the numbers were made", "", *notes, "",
+          "MindEye definitions (docs/eval.md).", ""]
+    if evaluation.get("paired"):
+        md += ["## Model minus each baseline, image by image", "", paired_table(evaluation), "",
+               f"{evaluation.get('paired_method', PAIRED_METHOD)}. "
+               "An interval that contains 0 (\"level\") means this test set cannot tell the two apart.", ""]
+    md += ["## How the numbers were made", "", *notes, "",
           "## Published numbers on NSD (context only)", "",
           "**Real NSD, not comparable to the simulated study**: different data, test set and, for CLIP-S, "
           "CLIP variant.", "", anchors_table(evaluation.get("anchors_nsd", [])), "", "## Pictures", ""]
