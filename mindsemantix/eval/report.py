@@ -195,14 +195,14 @@ def paired_differences(model: Mapping[str, Mapping[str, float]], baseline: Mappi
     """{metric: {"difference", "low", "high", "n"}} for the metrics both sides scored per image, over
     the images both scored."""
     out = {}
-    for metric in model.keys() & baseline.keys():
+    for metric in sorted(model.keys() & baseline.keys()):
         keys = sorted(model[metric].keys() & baseline[metric].keys())
         if len(keys) < 2:
             continue
         diff = np.array([model[metric][k] - baseline[metric][k] for k in keys])
         mean, low, high = paired_bootstrap(diff)
         out[metric] = {"difference": mean, "low": low, "high": high, "n": len(keys)}
-    return {m: out[m] for m in sorted(out)}
+    return out
 
 
 def _baseline_rank(name: str) -> tuple[int, str]:
