@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from mindsemantix.data.nsd import (
     TRIALS_PER_SESSION, NSDError, NSDLayout, check_session, find_sessions, load_coco_captions,
-    load_design, load_roi, load_stim_info, read_session_betas, subject_name,
+    load_design, load_roi, load_stim_info, read_session_betas, subject_name, zscore_session,
 )
 
 RECIPE_VERSION = "1"
@@ -41,22 +41,6 @@ def is_val(nsd_id: int, fraction: float) -> bool:
     """Deterministic val membership of a non-test image, from a hash of its id."""
     h = int.from_bytes(hashlib.sha256(f"nsd-image-{nsd_id}".encode()).digest()[:8], "big")
     return h / 2**64 < fraction
-
-
-def zscore_session(betas: np.ndarray, is_test: np.ndarray, where: str) -> tuple[np.ndarray, int]:
-    """Z-score each voxel with the mean and SD (ddof=0) of the non-test trials; applied to all.
-
-    betas: (trials, V); is_test: (trials,) bool. Voxels constant over the non-test trials get 0.
-    Returns the z-scored betas (float32) and the number of constant voxels.
-    """
-    train = betas[~is_test].astype(np.float64)
-    if len(train) < 2:
-        raise NSDError(f"{where}: fewer than 2 non-test trials; cannot compute z-score statistics")
-    mean, sd = train.mean(0), train.std(0)
-    constant = sd == 0
-    z = (betas - mean) / np.where(constant, 1.0, sd)
-    z[:, constant] = 0.0
-    return z.astype(np.float32), int(constant.sum())
 
 
 def _resize(image: np.ndarray, size: int | None) -> np.ndarray:

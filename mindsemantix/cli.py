@@ -5,6 +5,8 @@
     mindsemantix score-captions --predictions P.jsonl --references R.jsonl --out M.json
     mindsemantix score-images --predictions DIR --targets DIR --out M.json
     mindsemantix evaluate ...                                                          (see `make eval`)
+    mindsemantix bundle --run runs/<run> --out DIR                                     (a shareable model)
+    mindsemantix decode --model DIR --subject subj01 --betas FILE --out DIR            (new fMRI)
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ TOOLS = {
     "score-captions": "mindsemantix.eval.captions",
     "score-images": "mindsemantix.eval.images",
     "evaluate": "mindsemantix.eval.report",
+    "bundle": "mindsemantix.decode:bundle_main",
+    "decode": "mindsemantix.decode:main",
 }
 
 
@@ -158,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in TOOLS:
         if argv[0] == "data":
             return data_main(argv[1:])
-        module = importlib.import_module(TOOLS[argv[0]])
-        return int(module.main(argv[1:]) or 0)
+        module, _, function = TOOLS[argv[0]].partition(":")
+        return int(getattr(importlib.import_module(module), function or "main")(argv[1:]) or 0)
     if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
         print(__doc__)
     from mindsemantix.callbacks import CheckpointError

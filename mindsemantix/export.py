@@ -8,6 +8,7 @@ leaves a folder that loads as valid; `load_export` checks that both files exist 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +65,26 @@ def load_export(folder: str | Path, kind: str | None = None) -> tuple[dict[str, 
     except (SafetensorError, OSError, ValueError) as e:
         raise ExportError(f"export {folder}: model.safetensors is unreadable ({e})") from e
     return config, tensors
+
+
+# -- references between exports -------------------------------------------------------------------
+# An export that reads another folder (stage 2 -> the stage-1 export, stage 3 -> the stage-2 export
+# and a local Stable Diffusion) records it relative to itself, starting with "./" or "../", so a run
+# folder (or a bundle) can move as a whole. Anything else is a hub id or a registry name, kept as is.
+
+
+def reference(target: str | Path, folder: str | Path) -> str:
+    """How an export in `folder` records `target`: a path relative to `folder` where `target` is a
+    local folder, else `target` unchanged (a hub id, `offline:...`)."""
+    if not Path(target).exists():
+        return str(target)
+    rel = os.path.relpath(Path(target).resolve(), Path(folder).resolve())
+    return rel if rel.startswith("..") else f"./{rel}"
+
+
+def resolve_reference(value: str, folder: str | Path) -> str:
+    """Inverse of `reference`: a recorded "./" / "../" path, relative to `folder`, as an absolute
+    path; anything else (a hub id; an absolute or working-directory path of older exports) as is."""
+    if value.startswith(("./", "../")) or value in (".", ".."):
+        return str((Path(folder) / value).resolve())
+    return value

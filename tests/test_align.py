@@ -172,8 +172,8 @@ def test_two_phases_checkpoints_exports_and_caption_jsonl(stage2_inputs):
     assert rep.readout.fitted("subj01") and rep.readout.fitted("subj02")  # ridge readout fitted in setup
     ckpt = torch.load(next((root / "rep").rglob("*.ckpt")), weights_only=True)["state_dict"]
     assert not any(k.startswith("vision_encoder.") for k in ckpt)       # frozen: never checkpointed
-    assert not any(k.startswith("brain_encoder.blocks.") for k in ckpt)  # frozen stage-1 encoder: likewise
-    assert any(k.startswith("brain_encoder.tokenizers.subj02.") for k in ckpt)  # new subject: trained, kept
+    assert not any(k.startswith("captioner.brain_encoder.blocks.") for k in ckpt)  # frozen stage-1 encoder: likewise
+    assert any(k.startswith("captioner.brain_encoder.tokenizers.subj02.") for k in ckpt)  # new subject: trained, kept
     config, tensors = load_export(root / "rep" / "export", "brain_align")
     assert config["phase"] == "representation" and config["brain_encoder"]["fine_tuned"]  # subj02 added
     assert any(k.startswith("brain_encoder.blocks.") for k in tensors)  # so the export carries the encoder
@@ -192,8 +192,8 @@ def test_two_phases_checkpoints_exports_and_caption_jsonl(stage2_inputs):
     assert "train/lm" in trainer.callback_metrics
     ckpt_path = next((root / "gen").rglob("*.ckpt"))
     state = torch.load(ckpt_path, weights_only=True)["state_dict"]
-    assert not any(k.startswith("bridge.llm.") for k in state)         # the frozen LLM is not in the checkpoint
-    assert {"bridge.proj.weight", "bridge.proj.bias"} <= set(state)
+    assert not any(k.startswith("captioner.bridge.llm.") for k in state)         # the frozen LLM is not in the checkpoint
+    assert {"captioner.bridge.proj.weight", "captioner.bridge.proj.bias"} <= set(state)
     config, tensors = load_export(root / "gen" / "export", "brain_align")
     assert not any(".llm." in k for k in tensors) and config["llm"]["name"] == "random:tiny"
 

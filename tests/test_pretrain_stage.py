@@ -25,6 +25,7 @@ trainer:
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {save_last: true, every_n_train_steps: 6, save_top_k: -1}
+    - class_path: mindsemantix.writers.MAEReconstructionPlot
 model:
   init_args: {preset: tiny, encoder: null, warmup_steps: 2}
 data:

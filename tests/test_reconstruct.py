@@ -61,9 +61,11 @@ def model(s, **kwargs) -> BrainReconstruct:
 
 
 def trainer(root: Path, steps: int = 0, **kwargs) -> L.Trainer:
+    from mindsemantix.writers import ReconstructionWriter
+
     return L.Trainer(accelerator="cpu", max_steps=steps, default_root_dir=str(root), logger=False,
                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                     limit_val_batches=1, **kwargs)
+                     limit_val_batches=1, callbacks=[ReconstructionWriter()], **kwargs)
 
 
 def test_latent_head_shapes():
@@ -93,7 +95,11 @@ def test_fit_keeps_frozen_parts_out_of_checkpoints_and_export(stage3_inputs):
     assert state and all(k.startswith("head.") for k in state)          # no sd.*, brain.* in the checkpoint
     config, tensors = load_export(s["root"] / "fit" / "export", "brain_reconstruct")
     assert set(tensors) == {f"head.{k}" for k in m.head.state_dict()}
-    assert config["diffusion"] == s["sd"] and config["align_export"] == s["align"]
+    # what the head reads, recorded relative to the export folder (the run can move as a whole)
+    export_dir = s["root"] / "fit" / "export"
+    assert config["diffusion"].startswith("../") and config["align_export"].startswith("../")
+    assert (export_dir / config["diffusion"]).resolve() == Path(s["sd"]).resolve()
+    assert (export_dir / config["align_export"]).resolve() == Path(s["align"]).resolve()
     assert config["latent_shape"] == [4, 8, 8]
 
     # resuming: a fresh model loads the checkpoint's state dict strictly (frozen keys may be absent)
@@ -178,6 +184,7 @@ def test_an_explicit_align_export_wins_over_the_recorded_one(stage3_inputs, tmp_
     model(s).export(tmp_path / "export")
     moved = tmp_path / "moved_align"
     shutil.copytree(s["align"], moved)
+    shutil.copytree(s["root"] / "stage1", tmp_path / "stage1")  # it refers to its stage-1 export as ../stage1
     with caplog.at_level("WARNING", logger="mindsemantix.stages.reconstruct"):
         rebuilt = BrainReconstruct.from_export(tmp_path / "export", align_export=str(moved), diffusion=s["sd"])
     assert rebuilt.align_export == str(moved)
@@ -223,8 +230,8 @@ def test_brain_cache_runs_the_frozen_model_once_per_distinct_input(stage3_inputs
     plain = BrainRepresentation.from_export(s["align"])
     cached = BrainRepresentation.from_export(s["align"], cache=True)
     calls = []
-    original = cached.align.query_outputs
-    cached.align.query_outputs = lambda fmri, subject: calls.append(len(fmri)) or original(fmri, subject)
+    original = cached.captioner.query_outputs
+    cached.captioner.query_outputs = lambda fmri, subject: calls.append(len(fmri)) or original(fmri, subject)
     dm = datamodule(s)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+from zlib import error as zlib_error
 
 import h5py
 import nibabel as nib
@@ -323,3 +324,67 @@ def read_session_betas(sf: SessionFile, roi_index: tuple[np.ndarray, ...]) -> np
         box = f["betas"][:, lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]  # (750, z, y, x)
     roi = box[:, z - lo[2], y - lo[1], x - lo[0]]  # (750, V)
     return (roi / BETA_SCALE).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation (the recipe's, and `mindsemantix decode`'s for new scans)
+
+
+def zscore_session(betas: np.ndarray, is_test: np.ndarray, where: str) -> tuple[np.ndarray, int]:
+    """Z-score each voxel with the mean and SD (ddof=0) of the non-test trials; applied to all.
+
+    betas: (trials, V); is_test: (trials,) bool. Voxels constant over the non-test trials get 0.
+    Returns the z-scored betas (float32) and the number of constant voxels.
+    """
+    train = betas[~is_test].astype(np.float64)
+    if len(train) < 2:
+        raise NSDError(f"{where}: fewer than 2 non-test trials; cannot compute z-score statistics")
+    mean, sd = train.mean(0), train.std(0)
+    constant = sd == 0
+    z = (betas - mean) / np.where(constant, 1.0, sd)
+    z[:, constant] = 0.0
+    return z.astype(np.float32), int(constant.sum())
+
+
+def read_volumes(path: str | Path, roi_img: nib.Nifti1Image, roi_index: tuple[np.ndarray, ...]) -> np.ndarray:
+    """ROI betas of a 4-D file of any number of trials, in percent signal change: (T, V) float32.
+
+    `.nii.gz` / `.nii`: (X, Y, Z, T) in the ROI's space (shape and affine must match); `.hdf5`: the
+    NSD release layout (T, Z, Y, X) under `betas`; `.npy`: (T, V) already in ROI voxel order. Values
+    are in the release's units (betas x 300) and divided by `BETA_SCALE`, as the recipe does."""
+    path = Path(path)
+    if not path.is_file():
+        raise NSDError(f"{path}: file does not exist")
+    name = path.name
+    V = len(roi_index[0])
+    try:
+        if name.endswith(".npy"):
+            data = np.load(path, allow_pickle=False)
+            if data.ndim != 2 or data.shape[1] != V:
+                raise NSDError(f"{path}: expected (trials, {V}) voxels in the mask's order, got shape {data.shape}")
+            out = data.astype(np.float32) / BETA_SCALE
+        elif name.endswith((".nii.gz", ".nii")):
+            img = nib.load(str(path))
+            if img.ndim != 4 or img.shape[:3] != roi_img.shape:
+                raise NSDError(f"{path}: expected a 4-D volume of shape {roi_img.shape} x trials (the mask's), "
+                               f"got {img.shape}")
+            if not np.allclose(img.affine, roi_img.affine, atol=1e-3):
+                raise NSDError(f"{path}: affine differs from the mask's; betas and mask are not in the same space")
+            out = (np.asanyarray(img.dataobj)[roi_index].T / BETA_SCALE).astype(np.float32)
+        elif name.endswith((".hdf5", ".h5")):
+            with h5py.File(path, "r") as f:
+                if "betas" not in f:
+                    raise NSDError(f"{path}: no dataset 'betas'")
+                if f["betas"].ndim != 4 or f["betas"].shape[1:] != roi_img.shape[::-1]:
+                    raise NSDError(f"{path}: betas have shape {f['betas'].shape}; with the mask's shape "
+                                   f"{roi_img.shape} the layout is (trials, {', '.join(map(str, roi_img.shape[::-1]))})")
+            out = read_session_betas(SessionFile(0, path, "hdf5"), roi_index)
+        else:
+            raise NSDError(f"{path}: unknown file type (expected .nii.gz, .nii, .hdf5 or .npy)")
+    except (OSError, EOFError, ValueError, zlib_error) as e:
+        if isinstance(e, NSDError):
+            raise
+        raise NSDError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+    if not np.isfinite(out).all():
+        raise NSDError(f"{path}: {int((~np.isfinite(out)).sum())} NaN/inf values inside the mask")
+    return out

@@ -26,20 +26,18 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from mindsemantix.data.arrays import SplitArrays, load_split_arrays, mean_repetitions  # noqa: F401 (re-exported)
 from mindsemantix.eval.captions import MemoEncoder
+from mindsemantix.numerics import DEFAULT_ALPHAS, CentredSVD, RidgeFit, fit_ridge  # noqa: F401 (re-exported)
 from mindsemantix.io import atomic_dir, atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ALPHAS = tuple(10.0 ** np.arange(-2, 7))  # relative to the mean singular value squared, see fit_ridge
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,85 +68,6 @@ def derangement(keys: Sequence[str], seed: int = 0) -> dict[str, str]:
     order = rng.permutation(len(keys))
     shift = int(rng.integers(1, len(keys)))
     return {keys[order[i]]: keys[order[(i + shift) % len(keys)]] for i in range(len(keys))}
-
-
-# ---------------------------------------------------------------------------------------------
-# Ridge regression (closed form, leave-one-out choice of the penalty)
-
-
-@dataclass
-class RidgeFit:
-    x_mean: np.ndarray  # (V,)
-    y_mean: np.ndarray  # (D,)
-    weights: np.ndarray  # (V, D)
-    alpha: float
-    loo_mse: dict[float, float] = field(default_factory=dict)
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """(M, V) -> (M, D)."""
-        return (np.asarray(x, dtype=np.float64) - self.x_mean) @ self.weights + self.y_mean
-
-
-@dataclass
-class CentredSVD:
-    """What `fit_ridge` needs of x (N, V): its column means and the thin SVD of the centred x, the
-    costly part (seconds at N ~ 1000, V ~ 2500). One per subject serves every fit from its voxels:
-    the caption and the image baselines."""
-
-    x_mean: np.ndarray  # (V,)
-    u: np.ndarray  # (N, k)
-    s: np.ndarray  # (k,)
-    vt: np.ndarray  # (k, V)
-
-    @classmethod
-    def of(cls, x: np.ndarray) -> "CentredSVD":
-        x = np.asarray(x, dtype=np.float64)
-        if x.ndim != 2:
-            raise ValueError(f"ridge needs x (N, V), got shape {x.shape}")
-        x_mean = x.mean(0)
-        u, s, vt = np.linalg.svd(x - x_mean, full_matrices=False)  # xc = u diag(s) vt
-        return cls(x_mean, u, s, vt)
-
-    def __len__(self) -> int:
-        return len(self.u)
-
-
-def fit_ridge(x: np.ndarray | CentredSVD, y: np.ndarray, alphas: Sequence[float] = DEFAULT_ALPHAS) -> RidgeFit:
-    """Ridge from x (N, V) to y (N, D) with an intercept; the penalty minimises leave-one-out MSE.
-
-    Through the thin SVD of the centred x (cost min(N,V)^2 max(N,V)), every penalty costs only a
-    rescaling: W = V diag(s / (s^2 + a)) U^T Y; the hat matrix with the (unpenalised) intercept is
-    H = 11^T / N + U diag(s^2 / (s^2 + a)) U^T, and the exact leave-one-out residual of sample i is
-    (y_i - (H y)_i) / (1 - H_ii). `alphas` are relative to the mean of s^2, so one grid suits any
-    voxel count and scale. x may be given as its `CentredSVD`, to share it between fits.
-    """
-    y = np.asarray(y, dtype=np.float64)
-    if not isinstance(x, CentredSVD):
-        x = np.asarray(x, dtype=np.float64)
-        if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
-            raise ValueError(f"ridge needs x (N, V) and y (N, D) with the same N, got {x.shape} and {y.shape}")
-    elif y.ndim != 2 or len(x) != len(y):
-        raise ValueError(f"ridge needs y (N, D) with the N = {len(x)} of x, got {y.shape}")
-    if len(x) < 3:
-        raise ValueError(f"ridge needs at least 3 training samples, got {len(x)}")
-    svd = x if isinstance(x, CentredSVD) else CentredSVD.of(x)
-    u, s, vt = svd.u, svd.s, svd.vt
-    y_mean = y.mean(0)
-    yc = y - y_mean
-    uty = u.T @ yc  # (k, D)
-    scale = float(np.mean(s ** 2)) or 1.0
-    loo = {}
-    for rel in alphas:
-        a = rel * scale
-        shrink = s ** 2 / (s ** 2 + a)  # (k,)
-        fitted = u @ (shrink[:, None] * uty)  # H Y
-        h_diag = 1.0 / len(u) + (u ** 2) @ shrink  # (N,); 1/N: the unpenalised intercept's share
-        resid = (yc - fitted) / np.clip(1.0 - h_diag, 1e-12, None)[:, None]
-        loo[float(rel)] = float(np.mean(resid ** 2))
-    best = min(loo, key=loo.get)
-    a = best * scale
-    weights = vt.T @ ((s / (s ** 2 + a))[:, None] * uty)  # (V, D)
-    return RidgeFit(svd.x_mean, y_mean, weights, best, loo)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,57 +106,6 @@ def ridge_caption_retrieval(x_train: np.ndarray, captions_train: Sequence[Sequen
     predicted = _unit(fit.predict(x_test))  # (M, D)
     nearest = np.argmax(predicted @ pool_emb.T, axis=1)
     return [pool[i] for i in nearest], fit
-
-
-# ---------------------------------------------------------------------------------------------
-# Data wiring (Contract-1 shards)
-
-
-@dataclass
-class SplitArrays:
-    """One subject's samples of one split: keys, voxels (mean over repetitions), captions, images,
-    and the seen images' ids (meta `image_id`, the simulator's truth index)."""
-
-    keys: list[str]
-    x: np.ndarray  # (N, V) float32
-    captions: list[list[str]] | None = None
-    images: list[np.ndarray] | None = None  # (H, W, 3) uint8 each
-    image_ids: np.ndarray | None = None  # (N,) int
-
-    @cached_property
-    def svd(self) -> CentredSVD:
-        """x for `fit_ridge`, decomposed once for all the baselines fitted on it."""
-        return CentredSVD.of(self.x)
-
-
-def mean_repetitions(fmri: np.ndarray) -> np.ndarray:
-    """(R, V) repetitions of one image -> (V,) float32 mean (the test-time input of every stage)."""
-    return np.asarray(fmri, dtype=np.float32).mean(0)
-
-
-def load_split_arrays(root: str | os.PathLike, split: str, *, captions: bool = True, images: bool = False,
-                      image_ids: bool = False, verify: str = "sha256") -> dict[str, SplitArrays]:
-    """{subject: SplitArrays} of a Contract-1 dataset split, keys sorted within each subject.
-    `verify`: ShardDataset's check of the shards ("none" to skip the checksums)."""
-    from mindsemantix.data.shards import ShardDataset, iter_split
-
-    ds = ShardDataset(root, verify=verify)
-    fields = ["fmri"] + (["captions"] if captions else []) + (["image"] if images else []) + (["meta"] if image_ids else [])
-    rows: dict[str, list[dict[str, Any]]] = {}
-    for sample in tqdm(iter_split(ds, split, fields), total=len(ds.samples(split)), unit="sample", leave=False,
-                       desc=f"loading {Path(root).name}/{split}"):
-        rows.setdefault(sample["subject"], []).append(sample)
-    out = {}
-    for subject, samples in rows.items():
-        samples.sort(key=lambda r: r["key"])
-        out[subject] = SplitArrays(
-            keys=[r["key"] for r in samples], x=np.stack([mean_repetitions(r["fmri"]) for r in samples]),
-            captions=[list(r["captions"]) for r in samples] if captions else None,
-            images=[r["image"] for r in samples] if images else None,
-            image_ids=np.array([int(r["meta"]["image_id"]) for r in samples]) if image_ids else None)
-    if not out:
-        raise ValueError(f"{root}: split {split!r} has no samples")
-    return out
 
 
 def caption_baselines(train: Mapping[str, SplitArrays], test: Mapping[str, SplitArrays], encoder, seed: int = 0,

@@ -119,7 +119,7 @@ def fit_wiener(x: np.ndarray, voxel_patch: np.ndarray, mask_ratio: float,
 
 def per_sample_corr(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """(B, V) x3 -> (B,) Pearson over the hidden voxels of each sample (the stage's metric)."""
-    from mindsemantix.stages.pretrain import masked_pearson
+    from mindsemantix.numerics import masked_pearson
 
     t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64))  # noqa: E731
     return masked_pearson(t(pred), t(target), torch.as_tensor(np.asarray(mask))).numpy()
@@ -303,7 +303,7 @@ def load_split(roots: Sequence[str | Path], split: str) -> dict[str, dict[str, n
     """{subject: {"x": (N, V) mean over repetitions, "image_id": (N,)}} of a split over several
     datasets (those without the split add nothing), sorted by key."""
     from mindsemantix.data.shards import ShardDataset
-    from mindsemantix.eval.baselines import load_split_arrays
+    from mindsemantix.data.arrays import load_split_arrays
 
     parts = defaultdict(list)  # subject -> its SplitArrays from each dataset
     for root in roots:

@@ -248,6 +248,21 @@ class Reconstructor:
             generator=key_generators(keys, s.seed), output_type="pt")
         return to_uint8(out.images).cpu()
 
+    @torch.no_grad()
+    def full_candidates(self, captions: Sequence[str], latents: torch.Tensor, keys: Sequence[str], n: int) -> torch.Tensor:
+        """`n` img2img samples per key (seeds `key`, `key#1`, ...; candidate 0 = plain `full`) ->
+        uint8 (B, n, 3, R, R)."""
+        seeds = [[f"{k}#{j}" if j else k for k in keys] for j in range(n)]
+        return torch.stack([self.full(captions, latents, s) for s in seeds], 1)
+
+    @torch.no_grad()
+    def full_mean(self, captions: Sequence[str], latents: torch.Tensor, keys: Sequence[str], n: int) -> torch.Tensor:
+        """The pixel mean of `n` img2img samples per key (a Monte Carlo estimate of the posterior mean
+        image given the latent and the caption) -> uint8 (B, 3, R, R)."""
+        if n <= 1:
+            return self.full(captions, latents, keys)
+        return self.full_candidates(captions, latents, keys, n).float().mean(1).round().to(torch.uint8)
+
     def reconstruct(self, keys: Sequence[str], captions: Sequence[str] | None, latents: torch.Tensor | None,
                     variants: Iterable[str] = VARIANTS) -> dict[str, torch.Tensor]:
         """{variant: uint8 (B, 3, R, R)} for one batch; a variant whose input is None is skipped."""

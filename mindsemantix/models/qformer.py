@@ -594,7 +594,7 @@ class RidgeReadout(nn.Module):
         """x (N, V) training fMRI (mean over repetitions), targets (N, K). Returns the penalty."""
         import numpy as np
 
-        from mindsemantix.eval.baselines import fit_ridge
+        from mindsemantix.numerics import fit_ridge
 
         fit = fit_ridge(np.asarray(x, dtype=np.float64), np.asarray(targets, dtype=np.float64))
         pred = fit.predict(x)                                                   # (N, K) in-sample

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,36 +36,27 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from mindsemantix.export import load_export, save_export
+from mindsemantix.export import load_export
 from mindsemantix.io import write_bytes_atomic
-from mindsemantix.models.brain_encoder import BrainEncoder, BrainEncoderConfig
-from mindsemantix.models.llm_bridge import LLMBridge, exclude_frozen_weights, tiny_random_causal_lm
-from mindsemantix.models.pretrained import SMOLLM2, load_causal_lm, load_vision_encoder
+from mindsemantix.models.brain_encoder import BrainEncoder
+from mindsemantix.models.captioner import (DEFAULT_GENERATION, EXPORT_KIND, RERANK_SCORES, TINY_RANDOM_LLM,  # noqa: F401 (re-exported)
+                                           BrainCaptioner, LLMSettings, brain_encoder_path, build_bridge, load_llm)
+from mindsemantix.models.llm_bridge import LLMBridge, exclude_frozen_weights
+from mindsemantix.models.pretrained import SMOLLM2, load_vision_encoder
 from mindsemantix.models.qformer import (BrainQFormer, FeatureQueue, QFormerConfig, RidgeReadout,
                                          caption_word_targets, representation_losses, vision_alignment_loss)
 from mindsemantix.stages.base import StageModule
 
 log = logging.getLogger(__name__)
 
-EXPORT_KIND = "brain_align"
 PHASES = ("representation", "generative")
 LOSSES = ("itc", "itm", "itg", "vision", "lm")
-TINY_RANDOM_LLM = "random:tiny"  # a 2-layer random Llama: tests and dry runs only
-RERANK_SCORES = ("itc", "itm")  # how `generation.rerank` picks among the LLM's candidates
-DEFAULT_GENERATION = {"max_new_tokens": 30, "min_new_tokens": 1, "num_beams": 1, "do_sample": False}
 
 
 def default_loss_weights(phase: str, vision: bool) -> dict[str, float]:
     if phase == "representation":
         return {"itc": 1.0, "itm": 1.0, "itg": 1.0, "vision": 1.0 if vision else 0.0, "lm": 0.0}
     return {"itc": 0.0, "itm": 0.0, "itg": 0.0, "vision": 0.0, "lm": 1.0}
-
-
-def load_llm(name_or_path: str, dtype: str = "float32"):
-    """(model, tokenizer) through the project's loader; `random:tiny` builds a random test model."""
-    if name_or_path == TINY_RANDOM_LLM:
-        return tiny_random_causal_lm()
-    return load_causal_lm(name_or_path, dtype=getattr(torch, dtype))
 
 
 class BrainAlign(StageModule):
@@ -113,28 +103,21 @@ class BrainAlign(StageModule):
             raise ValueError(f"loss_weights: unknown {unknown}; known: {list(LOSSES)}")
         self.phase = phase
         self.weights = {**default_loss_weights(phase, vision_encoder is not None), **(loss_weights or {})}
-        self.generation = {**DEFAULT_GENERATION, **(generation or {})}
-        if self.generation.get("rerank_by", "itc") not in RERANK_SCORES:
-            raise ValueError(f"generation.rerank_by must be one of {RERANK_SCORES}, got {self.generation['rerank_by']!r}")
         self.train_brain_encoder = train_brain_encoder
+        generation = {**DEFAULT_GENERATION, **(generation or {})}
+        if generation.get("rerank_by", "itc") not in RERANK_SCORES:  # before anything is loaded
+            raise ValueError(f"generation.rerank_by must be one of {RERANK_SCORES}, got {generation['rerank_by']!r}")
 
         init_config, init_tensors = load_export(init_from, EXPORT_KIND) if init_from else ({}, {})
+        # The LLM: needed for the LM loss and for captions in the generative phase. Continuing a
+        # generative run, the LLM side must be the exported one.
+        llm_settings = None
+        if phase == "generative" or self.weights["lm"] > 0:
+            llm_settings = (LLMSettings.from_dict(init_config["llm"]) if init_config.get("phase") == "generative"
+                            and init_config.get("llm") else
+                            LLMSettings(llm, llm_dtype, prompt, add_bos, max_caption_tokens, lora, query_group))
 
-        # Brain encoder: fine-tuned weights in the init export, else the stage-1 export.
-        self.brain_encoder_source = brain_encoder or init_config.get("brain_encoder", {}).get("source")
-        # True when the weights are no longer the stage-1 export's (then the export stores them)
-        self.brain_encoder_changed = bool(init_config.get("brain_encoder", {}).get("fine_tuned"))
-        if self.brain_encoder_changed:
-            self.brain_encoder = _brain_encoder_from_tensors(init_config["brain_encoder"], init_tensors, init_from)
-        elif self.brain_encoder_source:
-            self.brain_encoder = BrainEncoder.from_pretrained(self.brain_encoder_source, with_decoder=False)
-        else:
-            raise ValueError("brain_encoder: give the stage-1 export folder (or init_from a brain_align export)")
-        self.brain_encoder.requires_grad_(train_brain_encoder)
-        self.new_subjects: set[str] = set()
-        exclude_frozen_weights(self.brain_encoder)
-
-        # Vision encoder (frozen, features cached per image id).
+        # Vision encoder (frozen, features cached per image id): a training target only.
         self.vision_encoder = None
         if self.weights["vision"] > 0:
             if vision_encoder is None:
@@ -142,51 +125,63 @@ class BrainAlign(StageModule):
             self.vision_encoder = exclude_frozen_weights(load_vision_encoder(vision_encoder).requires_grad_(False))
         self._vision_cache: dict[int, Tensor] = {}
 
-        # Q-Former: the export's architecture when continuing from one.
-        if init_from:
+        if init_from:  # the export's architecture, weights and brain encoder
             if qformer:
                 log.warning("init_from is set: the Q-Former architecture comes from %s, `qformer` is ignored", init_from)
-            qcfg = QFormerConfig.from_dict(init_config["qformer"])
-            vision_dim = init_config.get("vision_dim")
-        else:
-            qcfg = QFormerConfig.from_dict(qformer)
+            self.captioner = BrainCaptioner.from_export_parts(init_from, init_config, init_tensors, load_llm=False,
+                                                              brain_encoder=brain_encoder, llm=llm_settings)
+            self.captioner.generation = generation
+            # True when the weights are no longer the stage-1 export's (then the export stores them)
+            self.brain_encoder_changed = bool(init_config.get("brain_encoder", {}).get("fine_tuned"))
+            self.brain_encoder_source = (None if self.brain_encoder_changed
+                                         else str(brain_encoder_path(init_from, init_config, brain_encoder)))
+        elif brain_encoder:
+            encoder = exclude_frozen_weights(BrainEncoder.from_pretrained(brain_encoder, with_decoder=False))
             vision_dim = self.vision_encoder.dim if self.vision_encoder is not None else None
+            qf = BrainQFormer(QFormerConfig.from_dict(qformer), encoder.config.width, vision_dim)
+            bridge = build_bridge(llm_settings, qf.config.hidden_size, qf.config.num_queries) if llm_settings else None
+            self.captioner = BrainCaptioner(encoder, qf, None, bridge, llm_settings, generation)
+            self.brain_encoder_changed, self.brain_encoder_source = False, str(brain_encoder)
+        else:
+            raise ValueError("brain_encoder: give the stage-1 export folder (or init_from a brain_align export)")
+        vision_dim = self.qformer.vision_dim
         if self.vision_encoder is not None and vision_dim != self.vision_encoder.dim:
             raise ValueError(f"the Q-Former's vision heads expect {vision_dim}-d features, "
                              f"{vision_encoder} gives {self.vision_encoder.dim}")
-        self.qformer = BrainQFormer(qcfg, self.brain_encoder.config.width, vision_dim,
-                                    load_text_weights=not init_from)
+        self.brain_encoder.requires_grad_(train_brain_encoder)
+        self.captioner.encoder_trains = train_brain_encoder
         self.qformer.set_trainable(itc=self.weights["itc"] > 0, itm=self.weights["itm"] > 0,
                                    itg=self.weights["itg"] > 0, vision=self.weights["vision"] > 0)
-        if init_from:
-            _load_prefixed(self.qformer, init_tensors, "qformer.", init_from)
-        self.readout: RidgeReadout | None = None
-        if "readout.token_ids" in init_tensors:
-            self.readout = RidgeReadout(init_tensors["readout.token_ids"], qcfg.num_queries, self.qformer.config.hidden_size)
-            for name, n_voxels in init_config["readout"]["subjects"].items():
-                self.readout.add_subject(name, n_voxels)
-            _load_prefixed(self.readout, init_tensors, "readout.", init_from)
-        E = self.qformer.config.embed_dim
+        qcfg, E = self.qformer.config, self.qformer.config.embed_dim
         self.itc_queue = FeatureQueue(queue_size, qcfg.num_queries, E)
         self.vision_queue = FeatureQueue(queue_size, qcfg.num_queries, E)
 
-        # LLM: needed for the LM loss and for captions in the generative phase.
-        self.bridge = None
-        if phase == "generative" or self.weights["lm"] > 0:
-            llm_cfg = init_config.get("llm") if init_config.get("phase") == "generative" else None
-            if llm_cfg:  # continuing a generative run: the LLM side must be the exported one
-                llm, llm_dtype, prompt, add_bos = llm_cfg["name"], llm_cfg["dtype"], llm_cfg["prompt"], llm_cfg["add_bos"]
-                max_caption_tokens, lora = llm_cfg["max_caption_tokens"], llm_cfg["lora"]
-                query_group = llm_cfg.get("query_group", 1)
-            if qcfg.num_queries % query_group:
-                raise ValueError(f"query_group {query_group} must divide the Q-Former's {qcfg.num_queries} queries")
-            model, tokenizer = load_llm(llm, llm_dtype)
-            self.bridge = LLMBridge(model, tokenizer, self.qformer.config.hidden_size, prompt=prompt, add_bos=add_bos,
-                                    max_caption_tokens=max_caption_tokens, lora=lora, query_group=query_group)
-            self.llm_settings = {"name": llm, "dtype": llm_dtype, "prompt": prompt, "add_bos": add_bos,
-                                 "max_caption_tokens": max_caption_tokens, "lora": lora, "query_group": query_group}
-            if any(k.startswith("bridge.") for k in init_tensors):
-                _load_prefixed(self.bridge, init_tensors, "bridge.", init_from)
+    # -- the model's parts (BrainCaptioner owns them) ------------------------------------------------
+
+    @property
+    def brain_encoder(self) -> BrainEncoder:
+        return self.captioner.brain_encoder
+
+    @property
+    def qformer(self) -> BrainQFormer:
+        return self.captioner.qformer
+
+    @property
+    def readout(self) -> RidgeReadout | None:
+        return self.captioner.readout
+
+    @property
+    def bridge(self) -> LLMBridge | None:
+        return self.captioner.bridge
+
+    @property
+    def generation(self) -> dict[str, Any]:
+        return self.captioner.generation
+
+    @property
+    def new_subjects(self) -> set[str]:
+        """Subjects the brain encoder did not know: their input layers train."""
+        return self.captioner.trainable_subjects
 
     # -- set-up ------------------------------------------------------------------------------------
 
@@ -207,7 +202,7 @@ class BrainAlign(StageModule):
     def fit_readout(self, datamodule) -> None:
         """Fit the ridge readout of every subject that has none, on the training split only."""
         from mindsemantix.data.shards import ShardError
-        from mindsemantix.eval.baselines import load_split_arrays
+        from mindsemantix.data.arrays import load_split_arrays
 
         subjects = datamodule.subject_info()
         todo = [s for s in subjects if self.readout is None or not self.readout.fitted(s)]
@@ -223,8 +218,8 @@ class BrainAlign(StageModule):
         if self.readout is None:  # the readout's vocabulary: frequent tokens of all training captions
             token_ids, _ = caption_word_targets([c for a in train.values() for c in a.captions],
                                                 self.qformer.tokenizer, self.hparams.readout_dim)
-            self.readout = RidgeReadout(token_ids, self.qformer.config.num_queries,
-                                        self.qformer.config.hidden_size).to(self.device)
+            self.captioner.readout = RidgeReadout(token_ids, self.qformer.config.num_queries,
+                                                  self.qformer.config.hidden_size).to(self.device)
         for s, a in train.items():
             _, targets = caption_word_targets(a.captions, self.qformer.tokenizer, self.readout.token_ids.cpu())
             alpha = self.readout.fit_subject(s, a.x, targets.numpy())
@@ -245,63 +240,15 @@ class BrainAlign(StageModule):
 
     def brain_inputs(self, fmri: Tensor, subject: str) -> tuple[Tensor, Tensor | None]:
         """(B, V) -> brain tokens (B, N, D) and the readout's query bias (B, Q, H) or None."""
-        bias = self.readout(fmri, subject) if self.readout is not None else None
-        return self.brain_tokens(fmri, subject), bias
-
-    def brain_tokens(self, fmri: Tensor, subject: str) -> Tensor:
-        """(B, V) -> (B, N, D); no autograd graph through a frozen encoder."""
-        trains = self.train_brain_encoder or subject in self.new_subjects
-        with torch.set_grad_enabled(trains and torch.is_grad_enabled()):
-            return self.brain_encoder.forward_features(fmri, subject)
+        return self.captioner.brain_inputs(fmri, subject)
 
     def query_outputs(self, fmri: Tensor, subject: str) -> Tensor:
         """(B, V) -> (B, Q, H): the brain representation that stage 3 and the LLM read."""
-        return self.qformer.encode_brain(*self.brain_inputs(fmri, subject))
+        return self.captioner.query_outputs(fmri, subject)
 
-    @torch.no_grad()
     def caption(self, fmri: Tensor, subject: str, **generation: Any) -> list[str]:
-        """One caption per sample: the LLM's (generative phase) or the ITG decoder's.
-
-        `rerank: K` in the generation settings has the LLM propose K captions (its K best beams, or
-        K samples with `do_sample`) and keeps the one the Q-Former scores as the best match to this
-        brain response, as BLIP ranks candidates: `rerank_by: itc` (default) by the brain-text
-        contrastive similarity, `itm` by the matching head (only if a phase trained it)."""
-        brain, bias = self.brain_inputs(fmri, subject)
-        if self.bridge is None:
-            return self.qformer.generate(brain, query_bias=bias)
-        settings = {**self.generation, **generation}
-        K, by = int(settings.pop("rerank", 0) or 0), settings.pop("rerank_by", "itc")
-        if by not in RERANK_SCORES:
-            raise ValueError(f"rerank_by must be one of {RERANK_SCORES}, got {by!r}")
-        query_out = self.qformer.encode_brain(brain, bias)                            # (B, Q, H)
-        if K <= 1:
-            return self.bridge.generate(query_out, **settings)
-        if not settings.get("do_sample"):
-            settings["num_beams"] = max(K, settings.get("num_beams", 1))
-        candidates = self.bridge.generate(query_out, **settings, num_return_sequences=K)  # B*K, sample-major
-        scores = (self.itc_scores(query_out, candidates) if by == "itc"
-                  else self.itm_scores(brain, bias, candidates))                       # (B*K,)
-        best = scores.view(-1, K).argmax(1)                                            # (B,)
-        return [candidates[i * K + j] for i, j in enumerate(best.tolist())]
-
-    @torch.no_grad()
-    def itc_scores(self, query_out: Tensor, candidates: list[str]) -> Tensor:
-        """Brain-text similarity (max over queries of the cosine, as ITC) of each of K candidates per
-        sample: query_out (B, Q, H), B*K captions sample-major -> (B*K,)."""
-        ids, mask = self.qformer.tokenize([c or "." for c in candidates], query_out.device)      # (B*K, T)
-        text = self.qformer.text_embedding(self.qformer.encode_text(ids, mask), mask)           # (B*K, E)
-        brain = self.qformer.brain_embedding(query_out)                                         # (B, Q, E)
-        brain = brain.repeat_interleave(len(candidates) // len(query_out), dim=0)               # (B*K, Q, E)
-        return torch.einsum("nqe,ne->nq", brain, text).amax(1)
-
-    @torch.no_grad()
-    def itm_scores(self, brain: Tensor, bias: Tensor | None, candidates: list[str]) -> Tensor:
-        """ITM match probability of each of K candidates per sample: brain (B, N, D) -> (B*K,)."""
-        K = len(candidates) // len(brain)
-        ids, mask = self.qformer.tokenize([c or "." for c in candidates], brain.device)         # (B*K, T)
-        repeat = lambda x: None if x is None else x.repeat_interleave(K, dim=0)  # noqa: E731
-        query_out, _ = self.qformer.encode_joint(repeat(brain), ids, mask, causal=False, query_bias=repeat(bias))
-        return self.qformer.itm_logits(query_out).softmax(-1)[:, 1]
+        """`BrainCaptioner.caption`: the LLM's captions (reranked per `generation`) or the ITG decoder's."""
+        return self.captioner.caption(fmri, subject, **generation)
 
     def vision_features(self, batch: dict[str, Any]) -> Tensor:
         """(B, vision_dim) pooled features of the seen images, computed once per image id."""
@@ -390,26 +337,10 @@ class BrainAlign(StageModule):
         return self.save_export(folder)
 
     def save_export(self, folder: str | Path) -> Path:
+        """The captioner's files; the stage-1 encoder by reference when this stage left it unchanged."""
         fine_tuned = self.brain_encoder_changed or self.train_brain_encoder or bool(self.new_subjects)
-        tensors = {f"qformer.{k}": v for k, v in self.qformer.state_dict().items()}
-        brain_cfg: dict[str, Any] = {"source": str(Path(self.brain_encoder_source).resolve()) if self.brain_encoder_source
-                                     else None, "fine_tuned": fine_tuned}
-        if fine_tuned:  # whole encoder (incl. subject layers it did not have), so stage 3 needs no stage-1 export
-            tensors.update({f"brain_encoder.{k}": v for k, v in _all_tensors(self.brain_encoder).items()})
-            brain_cfg.update({"config": asdict(self.brain_encoder.config), "subjects": self.brain_encoder.subjects})
-        config: dict[str, Any] = {
-            "phase": self.phase, "qformer": self.qformer.config.to_dict(), "vision_dim": self.qformer.vision_dim,
-            "brain_width": self.brain_encoder.config.width, "brain_encoder": brain_cfg,
-            "loss_weights": self.weights, "generation": self.generation,
-        }
-        if self.readout is not None:
-            tensors.update({f"readout.{k}": v for k, v in self.readout.state_dict().items()})
-            config["readout"] = {"dim": self.readout.dim, "subjects": {s: int(m.weight.shape[0])
-                                                                       for s, m in self.readout.maps.items()}}
-        if self.bridge is not None:
-            tensors.update({f"bridge.{k}": v for k, v in self.bridge.state_dict().items()})
-            config["llm"] = {**self.llm_settings, "hidden_size": self.bridge.proj.out_features}
-        return save_export(folder, EXPORT_KIND, config, tensors)
+        return self.captioner.save_pretrained(folder, brain_encoder_source=None if fine_tuned else self.brain_encoder_source,
+                                              extra={"phase": self.phase, "loss_weights": self.weights})
 
     @classmethod
     def from_export(cls, folder: str | Path, load_llm: bool = True, brain_encoder: str | None = None,
@@ -426,37 +357,6 @@ class BrainAlign(StageModule):
                           max_caption_tokens=llm["max_caption_tokens"], lora=llm["lora"],
                           query_group=llm.get("query_group", 1))
         return cls(**{**kwargs, **overrides}).eval()
-
-
-def _all_tensors(module: nn.Module) -> dict[str, Tensor]:
-    """Every parameter and persistent buffer by state-dict name, bypassing state-dict hooks."""
-    out = {n: p.detach() for n, p in module.named_parameters()}
-    for mod_name, mod in module.named_modules():
-        for b_name, b in mod.named_buffers(recurse=False):
-            if b_name not in mod._non_persistent_buffers_set:
-                out[f"{mod_name}.{b_name}" if mod_name else b_name] = b
-    return out
-
-
-def _brain_encoder_from_tensors(cfg: dict[str, Any], tensors: dict[str, Tensor], folder: str) -> BrainEncoder:
-    """Rebuild a fine-tuned brain encoder stored inside a brain_align export."""
-    encoder = BrainEncoder(BrainEncoderConfig.from_dict(cfg["config"]), with_decoder=False)
-    state = {k[len("brain_encoder."):]: v for k, v in tensors.items() if k.startswith("brain_encoder.")}
-    for s in cfg["subjects"]:
-        encoder.add_subject(s, state[f"tokenizers.{s}.coords_mm"])
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"export {folder}: brain encoder weights do not fit (missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]})")
-    return encoder
-
-
-def _load_prefixed(module: nn.Module, tensors: dict[str, Tensor], prefix: str, folder: str) -> None:
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    result = module.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"export {folder}: {prefix[:-1]} weights do not fit this model (missing "
-                         f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
 
 
 class CaptionWriter(Callback):

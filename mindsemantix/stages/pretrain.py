@@ -11,22 +11,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torchmetrics import MeanMetric
 
 from mindsemantix.models.brain_encoder import BrainEncoder, BrainEncoderConfig
+from mindsemantix.numerics import masked_pearson  # noqa: F401 (re-exported)
 from mindsemantix.stages.base import StageModule
-
-
-def masked_pearson(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sample Pearson correlation over the masked voxels: (B, V) x3 -> (B,)."""
-    m = mask.float()
-    n = m.sum(1).clamp_min(2)
-    p = pred - (pred * m).sum(1, keepdim=True) / n[:, None]
-    t = target - (target * m).sum(1, keepdim=True) / n[:, None]
-    cov = (p * t * m).sum(1)
-    return cov / ((p.pow(2) * m).sum(1).sqrt() * (t.pow(2) * m).sum(1).sqrt()).clamp_min(1e-8)
 
 
 class BrainMAE(StageModule):
@@ -44,7 +34,8 @@ class BrainMAE(StageModule):
             in only ~1/n_subjects of the steps, and Adam moves a weight by about lr per update: at the
             shared lr they barely leave their (shared) start in a short run. They carry what is
             specific to a subject's voxels (e.g. its low-rank noise and response covariance).
-        n_plot_samples: validation samples shown in `mae_reconstruction.png` at the end of fit.
+        n_plot_samples: validation samples kept in `plot_batch` for `mae_reconstruction.png`
+            (written by the `mindsemantix.writers.MAEReconstructionPlot` callback).
         **kwargs: optimisation / export settings of StageModule (lr, warmup_steps, export_dir, ...).
     """
 
@@ -60,7 +51,7 @@ class BrainMAE(StageModule):
         if init_from:
             self.config = self.encoder.config
         self.val_corr: dict[str, MeanMetric] = {}
-        self._plot_batch: dict[str, Any] | None = None
+        self.plot_batch: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self.trainer is not None else None
@@ -99,9 +90,9 @@ class BrainMAE(StageModule):
         self.log("val/loss", out.loss, prog_bar=True, batch_size=n, sync_dist=True)
         corr = masked_pearson(out.pred, batch["fmri"].float(), out.mask)
         self.val_corr[batch["subject"]].update(corr)
-        if self._plot_batch is None and self.trainer.is_global_zero:
+        if self.plot_batch is None and self.trainer.is_global_zero:
             k = self.hparams.n_plot_samples
-            self._plot_batch = {"subject": batch["subject"], "key": batch["key"][:k], "fmri": batch["fmri"][:k].float().cpu(),
+            self.plot_batch = {"subject": batch["subject"], "key": batch["key"][:k], "fmri": batch["fmri"][:k].float().cpu(),
                                 "pred": out.pred[:k].float().cpu(), "mask": out.mask[:k].cpu()}
 
     def on_validation_epoch_end(self) -> None:
@@ -125,54 +116,8 @@ class BrainMAE(StageModule):
             self.log("val/masked_corr", torch.stack(values).mean(), prog_bar=True, sync_dist=True)
 
     def on_validation_start(self) -> None:
-        self._plot_batch = None
+        self.plot_batch = None
 
     def export(self, folder: str | Path) -> Path:
         return self.encoder.save_pretrained(folder)
 
-    def on_train_end(self) -> None:
-        super().on_train_end()
-        if self.trainer.is_global_zero and self._plot_batch is not None:
-            # not trainer.log_dir: that is a collective (broadcast) and this runs on rank 0 only
-            out_dir = Path(self.trainer.logger.log_dir if self.trainer.logger else self.trainer.default_root_dir)
-            info = self.trainer.datamodule.subject_info()[self._plot_batch["subject"]]
-            plot_mae_reconstruction(self._plot_batch, info.mask_path, out_dir / "mae_reconstruction.png")
-
-
-def plot_mae_reconstruction(sample: dict[str, Any], mask_path: str | Path, out: str | Path) -> Path:
-    """For a few validation samples: true pattern | what the encoder saw (masked) | reconstruction,
-    as axial slices of the ROI in the subject's brain space (nilearn)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import nibabel as nib
-    from nilearn import plotting
-
-    from mindsemantix.io import atomic_path
-
-    mask_img = nib.load(str(mask_path))
-    roi = np.asarray(mask_img.dataobj) > 0
-
-    def to_img(values: np.ndarray) -> nib.Nifti1Image:
-        vol = np.zeros(roi.shape, np.float32)
-        vol[roi] = values  # C-order nonzero == shard voxel order
-        return nib.Nifti1Image(vol, mask_img.affine)
-
-    rows = len(sample["key"])
-    fig, axes = plt.subplots(rows, 3, figsize=(13, 2.6 * rows), squeeze=False)
-    vmax = float(np.percentile(np.abs(sample["fmri"].numpy()), 98)) or 1.0
-    for r in range(rows):
-        true = sample["fmri"][r].numpy()
-        seen = np.where(sample["mask"][r].numpy(), 0.0, true)
-        columns = [("true", true), ("visible to the encoder (75% hidden)", seen), ("reconstruction", sample["pred"][r].numpy())]
-        for c, (title, values) in enumerate(columns):
-            plotting.plot_stat_map(to_img(values), bg_img=None, display_mode="z", cut_coords=4, axes=axes[r, c],
-                                   vmax=vmax, colorbar=c == 2, annotate=False, draw_cross=False,
-                                   title=f"{sample['key'][r]}: {title}" if c == 0 else title)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return out

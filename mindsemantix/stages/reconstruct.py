@@ -11,7 +11,9 @@ best of `n_candidates` img2img samples, as MindEye picks its best of several). S
 VAE, UNet, text encoder) and the stage-2 model are frozen and never enter a checkpoint or the export
 (Contract 3): they are reloaded from their sources, which the export names.
 
-`predict` writes, under `predict_dir`:
+The models are `mindsemantix.models.latent_head` (`LatentHead`, `BrainRepresentation`); this module
+holds the losses. `predict` returns, per key, the captions used and the images of each variant; the
+`mindsemantix.writers.ReconstructionWriter` callback writes them under `predict_dir`:
     seen/<key>.png, caption_only/<key>.png, latent_only/<key>.png, full/<key>.png
     grid.png          seen | caption only | latent only | full, with reference and decoded captions
     reconstructions.json   per key: captions used; settings; seconds per image per variant
@@ -20,117 +22,23 @@ VAE, UNet, text encoder) and the stage-2 model are frozen and never enter a chec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from mindsemantix.export import load_export, save_export
-from mindsemantix.io import write_json_atomic
-from mindsemantix.models.diffusion import (VARIANTS, Reconstructor, SamplingConfig, load_stable_diffusion, pipeline_modules, save_png,
-                                           save_reconstruction_grid)
+from mindsemantix.export import load_export, reference, resolve_reference
+from mindsemantix.models.diffusion import VARIANTS, Reconstructor, SamplingConfig, load_stable_diffusion, pipeline_modules
+from mindsemantix.models.latent_head import EXPORT_KIND, BrainRepresentation, LatentHead, LatentHeadConfig
 from mindsemantix.stages.base import StageModule
 
 log = logging.getLogger(__name__)
 
-EXPORT_KIND = "brain_reconstruct"
 REFERENCE_CAPTIONS = "reference"  # `captions: reference` prompts with a reference caption (an oracle)
-
-
-# ---------------------------------------------------------------------------------------------
-# The trained part
-
-
-class LatentHead(nn.Module):
-    """Brain representation (B, T, D) -> scaled VAE latent (B, C, h, w), optionally an embedding (B, E).
-
-    Each token is normalised and reduced to `token_dim`, the tokens are concatenated (their order
-    carries meaning: query i is always query i), then a linear map plus a residual MLP give the
-    latent. The linear path is a ridge-like baseline that trains fast on few samples; the MLP adds
-    what is nonlinear.
-    """
-
-    def __init__(self, n_tokens: int, width: int, latent_shape: Sequence[int], token_dim: int = 64,
-                 hidden: int = 1024, dropout: float = 0.3, embed_dim: int | None = None):
-        super().__init__()
-        self.n_tokens, self.width, self.latent_shape = n_tokens, width, tuple(latent_shape)
-        self.config = {"n_tokens": n_tokens, "width": width, "latent_shape": list(latent_shape),
-                       "token_dim": token_dim, "hidden": hidden, "dropout": dropout, "embed_dim": embed_dim}
-        flat, out = n_tokens * token_dim, int(torch.tensor(latent_shape).prod())
-        self.norm = nn.LayerNorm(width)
-        self.reduce = nn.Linear(width, token_dim)
-        self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(flat, out)
-        self.mlp = nn.Sequential(nn.Linear(flat, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out))
-        self.embed = nn.Sequential(nn.Linear(flat, hidden), nn.GELU(), nn.Linear(hidden, embed_dim)) if embed_dim else None
-
-    def forward(self, brain: Tensor) -> dict[str, Tensor]:
-        """brain (B, T, D) -> {"latent": (B, C, h, w), "embedding": (B, E) when configured}."""
-        if brain.shape[1:] != (self.n_tokens, self.width):
-            raise ValueError(f"LatentHead expects (B, {self.n_tokens}, {self.width}), got {tuple(brain.shape)}")
-        x = self.dropout(self.reduce(self.norm(brain)).flatten(1))  # (B, T * token_dim)
-        out = {"latent": (self.linear(x) + self.mlp(x)).view(-1, *self.latent_shape)}
-        if self.embed is not None:
-            out["embedding"] = self.embed(x)
-        return out
-
-
-class BrainRepresentation(nn.Module):
-    """The frozen stage-2 model's view of the brain: `BrainAlign.query_outputs`, the Q-Former's query
-    outputs (B, Q, H) — exactly what the LLM reads. (The brain encoder's own tokens differ in number
-    between subjects, so a head on them would have to be per subject; the queries are shared.)
-
-    `cache=True` keeps each distinct input's output (on the CPU, keyed by subject and a hash of the
-    voxel values): the model is frozen and in eval mode, so an input's output never changes, and a
-    head trained for many epochs then runs the stage-2 model once per (sample, repetition) instead of
-    once per step. Memory: distinct inputs x Q x H x 4 bytes (the demo: ~13k x 8 x 384 x 4 = ~160 MB).
-    Outputs are computed in the batch that first meets them, so a resumed run (whose cache starts
-    empty) can differ from the uninterrupted one in the last bits; with the cache off resumes are bitwise.
-    """
-
-    def __init__(self, align: nn.Module, cache: bool = False):
-        super().__init__()
-        self.align = align
-        self.cache: dict[tuple[str, bytes], Tensor] | None = {} if cache else None
-
-    @classmethod
-    def from_export(cls, folder: str | Path, cache: bool = False) -> "BrainRepresentation":
-        from mindsemantix.stages.align import BrainAlign
-
-        align = BrainAlign.from_export(folder, load_llm=False)
-        return cls(align, cache=cache).eval().requires_grad_(False)
-
-    @property
-    def subjects(self) -> list[str]:
-        return list(self.align.brain_encoder.subjects)
-
-    def shape(self) -> tuple[int, int]:
-        """(Q, H) of the representation."""
-        config = self.align.qformer.config
-        return config.num_queries, config.hidden_size
-
-    @torch.no_grad()
-    def forward(self, fmri: Tensor, subject: str) -> Tensor:
-        """(B, V) -> (B, Q, H)."""
-        if self.cache is None:
-            return self.align.query_outputs(fmri, subject)
-        rows = fmri.detach().float().cpu().numpy()
-        keys = [(subject, hashlib.blake2b(row.tobytes(), digest_size=16).digest()) for row in rows]
-        todo: dict[tuple[str, bytes], int] = {}  # missing key -> its first row (a repeat within the batch: once)
-        for i, k in enumerate(keys):
-            if k not in self.cache:
-                todo.setdefault(k, i)
-        if todo:
-            rows_todo = list(todo.values())
-            out = self.align.query_outputs(fmri[rows_todo], subject).cpu()
-            self.cache.update(zip(todo, out))
-        return torch.stack([self.cache[k] for k in keys]).to(fmri.device)
 
 
 def latent_infonce(pred: Tensor, target: Tensor, image_ids: Tensor, temperature: float) -> Tensor:
@@ -185,7 +93,8 @@ class BrainReconstruct(StageModule):
         "reference" uses the first reference caption (an oracle, for checking stage 3 alone).
     sampling: SamplingConfig fields (num_inference_steps, guidance_scale, strength, negative_prompt, seed).
     scheduler: "ddim" (deterministic given the noise), "pndm", "euler", "dpm".
-    predict_dir, variants, grid_rows, score: what predict writes (see the module docstring).
+    variants: which images predict makes; predict_dir, grid_rows, score: the defaults of the
+        `ReconstructionWriter` callback that writes them (see the module docstring).
     init_from: a brain_reconstruct export whose head to load (predict from an export).
     lr, weight_decay, warmup_steps, min_lr_ratio, export_dir, nonfinite_loss: StageModule's.
     """
@@ -213,7 +122,7 @@ class BrainReconstruct(StageModule):
             # folder; a path recorded relative to another working directory) is used as given, with a
             # warning when it is not the folder the export names: a different stage-2 model makes the
             # head's inputs meaningless.
-            recorded = init_config.get("align_export")
+            recorded = resolve_reference(init_config.get("align_export") or "", init_from)
             if recorded and Path(recorded).resolve() != Path(align_export).resolve():
                 log.warning("align_export %s is not the stage-2 export %s that the head in %s was trained on; "
                             "using %s", align_export, recorded, init_from, align_export)
@@ -250,7 +159,8 @@ class BrainReconstruct(StageModule):
         T, D = self.brain.shape()
         head_cfg = {k: v for k, v in (init_config.get("head") or head or {}).items()
                     if k not in ("n_tokens", "width", "latent_shape", "embed_dim")}
-        self.head = LatentHead(T, D, self.latent_shape, embed_dim=self.vision.dim if self.vision else None, **head_cfg)
+        self.head = LatentHead(LatentHeadConfig(n_tokens=T, width=D, latent_shape=self.latent_shape,
+                                                embed_dim=self.vision.dim if self.vision else None, **head_cfg))
         if init_from:
             self.head.load_state_dict({k[len("head."):]: v for k, v in init_tensors.items() if k.startswith("head.")})
 
@@ -262,10 +172,6 @@ class BrainReconstruct(StageModule):
             raise ValueError(f"variants: unknown {unknown}; known: {list(VARIANTS)}")
         self._targets: dict[int, tuple[Tensor, Tensor | None]] = {}  # image id -> (latent, embedding), CPU
         self._captions: dict[str, str] | None = None
-        self._grid: list[dict[str, Any]] = []
-        self._timing: dict[str, float] = {v: 0.0 for v in self.variants}
-        self._n_predicted = 0
-        self._records: list[dict[str, Any]] = []
 
     # -- frozen parts stay in eval mode --------------------------------------------------------------
 
@@ -365,110 +271,73 @@ class BrainReconstruct(StageModule):
             return Path(self._predict_dir)
         return Path(self.trainer.default_root_dir) / "predict"
 
-    def on_predict_epoch_start(self) -> None:
-        self._grid, self._records, self._n_predicted = [], [], 0
-        self._timing = {v: 0.0 for v in self.variants}
+    def on_predict_start(self) -> None:
+        if not any(getattr(c, "writes_reconstructions", False) for c in self.trainer.callbacks):
+            raise ValueError("stage-3 predict writes its images through a callback: add "
+                             "`- class_path: mindsemantix.writers.ReconstructionWriter` to trainer.callbacks")
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Per key: {"key", "decoded", "reference", "seen": uint8 (3, H, W) or None, "images":
+        {variant: uint8 (3, R, R)}, "seconds": {variant: seconds per image}}; a writer callback saves them."""
         keys, prompts = list(batch["key"]), self.prompts(batch)
         pred = self(batch["fmri"], batch["subject"])
         latents = pred["latent"]
         variants = [v for v in self.variants if prompts is not None or v == "latent_only"]
         images: dict[str, Tensor] = {}
+        seconds: dict[str, float] = {}
         for v in variants:
             start = time.perf_counter()
             if v == "full" and self.n_candidates > 1:
                 images[v] = self.combine(keys, prompts, latents, pred.get("embedding"))
             else:
                 images.update(self.reconstructor.reconstruct(keys, prompts, latents, [v]))
-            self._timing[v] += time.perf_counter() - start
+            seconds[v] = (time.perf_counter() - start) / len(keys)
         seen = batch.get("image")
-        for i, key in enumerate(keys):
-            if seen is not None:
-                save_png(self.predict_dir / "seen" / f"{key}.png", seen[i])
-            for v, imgs in images.items():
-                save_png(self.predict_dir / v / f"{key}.png", imgs[i])
-        self._n_predicted += len(keys)
-        rows = []
-        for i, key in enumerate(keys):
-            row = {"key": key, "decoded": prompts[i] if prompts else None,
-                   "reference": batch["captions"][i][0] if "captions" in batch else None}
-            rows.append(row)
-            if len(self._grid) < self.grid_rows:
-                self._grid.append({**row, "seen": None if seen is None else seen[i].cpu(),
-                                   **{v: imgs[i] for v, imgs in images.items()}})
-        self._records.extend(rows)
-        return rows
+        return [{"key": key, "decoded": prompts[i] if prompts else None,
+                 "reference": batch["captions"][i][0] if "captions" in batch else None,
+                 "seen": None if seen is None else seen[i].cpu(),
+                 "images": {v: imgs[i].cpu() for v, imgs in images.items()}, "seconds": seconds}
+                for i, key in enumerate(keys)]
 
     def combine(self, keys: list[str], prompts: list[str], latents: Tensor, embedding: Tensor | None) -> Tensor:
         """img2img with `n_candidates` seeds per key, combined per `combine_candidates` -> uint8 (B, 3, R, R)."""
-        seeds = [[f"{k}#{j}" if j else k for k in keys] for j in range(self.n_candidates)]  # candidate 0 = plain img2img
-        stacked = torch.stack([self.reconstructor.full(prompts, latents, s) for s in seeds], 1)  # (B, n, 3, R, R) uint8
         if self.combine_candidates == "mean":
-            return stacked.float().mean(1).round().to(torch.uint8)
+            return self.reconstructor.full_mean(prompts, latents, keys, self.n_candidates)
+        stacked = self.reconstructor.full_candidates(prompts, latents, keys, self.n_candidates)  # (B, n, 3, R, R)
         feats = self.vision(stacked.flatten(0, 1).to(self.device)).pooled.float().view(len(keys), self.n_candidates, -1)
         sim = nn.functional.cosine_similarity(feats, embedding.float()[:, None], dim=-1)  # (B, n)
         return stacked[torch.arange(len(keys)), sim.argmax(1).cpu()]
 
-    def on_predict_epoch_end(self) -> None:
-        timing = {v: s / max(1, self._n_predicted) for v, s in self._timing.items()}
-        records, grid = self._records, self._grid
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, records)
-            records = [r for part in gathered for r in (part or [])]
-        if not self.trainer.is_global_zero:
-            return
-        records = sorted(records, key=lambda r: r["key"])
+    def describe(self) -> dict[str, Any]:
+        """The settings a set of reconstructions was made with (for `reconstructions.json`)."""
         s = self.reconstructor.sampling
-        write_json_atomic(self.predict_dir / "reconstructions.json", {
-            "diffusion": self.diffusion_source, "align_export": self.align_export,
-            "captions": self.captions_source, "resolution": self.resolution,
-            "sampling": vars(s), "scheduler": type(self.reconstructor.text2img.scheduler).__name__,
-            "n_candidates": self.n_candidates, "combine_candidates": self.combine_candidates, "seconds_per_image": timing,
-            "device": str(self.device), "records": records})
-        if grid:
-            save_reconstruction_grid(self.predict_dir / "grid.png", grid,
-                                     title=f"img2img strength {s.strength}, {s.num_inference_steps} steps, "
-                                           f"guidance {s.guidance_scale}" + (f"; full = {self.combine_candidates} of "
-                                           f"{self.n_candidates} samples" if self.n_candidates > 1 else ""))
-        if self.score and (self.predict_dir / "seen").is_dir():
-            write_json_atomic(self.predict_dir / "scores.json", score_reconstructions(self.predict_dir, self.variants))
-        log.info("reconstructions of %d keys written to %s", len(records), self.predict_dir)
+        return {"diffusion": self.diffusion_source, "align_export": self.align_export,
+                "captions": self.captions_source, "resolution": self.resolution, "sampling": vars(s),
+                "scheduler": type(self.reconstructor.text2img.scheduler).__name__,
+                "n_candidates": self.n_candidates, "combine_candidates": self.combine_candidates,
+                "device": str(self.device), "title": f"img2img strength {s.strength}, {s.num_inference_steps} steps, "
+                f"guidance {s.guidance_scale}" + (f"; full = {self.combine_candidates} of {self.n_candidates} samples"
+                                                  if self.n_candidates > 1 else "")}
 
     # -- export (Contract 3) ---------------------------------------------------------------------------
 
     def export(self, folder: str | Path) -> Path:
-        config = {"align_export": self.align_export,
-                  "diffusion": self.diffusion_source, "resolution": self.resolution,
-                  "latent_shape": list(self.latent_shape), "head": self.head.config,
-                  "image_embedding": self.image_embedding,
-                  "sampling": vars(self.reconstructor.sampling)}
-        tensors = {f"head.{k}": v for k, v in self.head.state_dict().items()}
-        return save_export(folder, EXPORT_KIND, config, tensors)
+        return self.head.save_pretrained(folder, extra={
+            "align_export": reference(self.align_export, folder), "diffusion": reference(self.diffusion_source, folder),
+            "resolution": self.resolution, "image_embedding": self.image_embedding,
+            "sampling": vars(self.reconstructor.sampling), "scheduler": self.hparams.scheduler,
+            "n_candidates": self.n_candidates, "combine_candidates": self.combine_candidates})
 
     @classmethod
     def from_export(cls, folder: str | Path, **overrides: Any) -> "BrainReconstruct":
         """A ready model (eval mode) from a brain_reconstruct export; the frozen parts come from the
         sources it names (override `diffusion` / `align_export` if they moved)."""
         config, _ = load_export(folder, EXPORT_KIND)
-        kwargs = {"align_export": config["align_export"], "diffusion": config["diffusion"],
+        kwargs = {"align_export": resolve_reference(config["align_export"], folder),
+                  "diffusion": resolve_reference(config["diffusion"], folder),
                   "sampling": config.get("sampling"), "init_from": str(folder)}
         return cls(**{**kwargs, **overrides}).eval()
 
 
-def score_reconstructions(folder: str | Path, variants: Sequence[str] = VARIANTS, feature_nets=None) -> dict[str, Any]:
-    """PixCorr / SSIM / 2-way identification of each variant's PNGs against `folder/seen`."""
-    from mindsemantix.eval.images import score_image_folders
-
-    from mindsemantix.eval.images import build_feature_nets
-
-    folder = Path(folder)
-    if feature_nets is None:  # built once: the seen images' features are then computed once
-        feature_nets, _ = build_feature_nets({})
-    return {v: score_image_folders(folder / v, folder / "seen", feature_nets=feature_nets)
-            for v in variants if (folder / v).is_dir()}
-
-
-__all__ = ["BrainReconstruct", "BrainRepresentation", "LatentHead", "latent_infonce", "EXPORT_KIND", "score_reconstructions"]
+__all__ = ["BrainReconstruct", "BrainRepresentation", "LatentHead", "latent_infonce", "EXPORT_KIND"]

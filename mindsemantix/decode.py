@@ -1,0 +1,220 @@
+"""`mindsemantix bundle` (a run -> a bundle folder) and `mindsemantix decode` (new fMRI -> captions, images).
+
+    mindsemantix bundle --run runs/demo --out bundles/demo
+    mindsemantix decode --model bundles/demo --subject subj01 --betas betas_session01.nii.gz --out decoded/
+
+decode reads NSD-style session files (`betas_sessionNN.nii.gz` 4-D, one volume per trial, or the
+`.hdf5`), any 4-D NIfTI in the subject's space (`--mask` when its ROI file is not the bundle's), or a
+`.npy` (trials, voxels) in the bundle's voxel order, in the release's units (betas x 300). Each file
+is one session: z-scored per voxel as in training (`mindsemantix.data.nsd.zscore_session`), over
+its trials except those of the model's held-out test images when `--average-by` says which image
+each trial showed (exactly what training did), else over all its trials. Writes `captions.jsonl`,
+`images/<name>.png` and `grid.png` under `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mindsemantix.io import write_bytes_atomic
+
+DEBUG_ENV = "MINDSEMANTIX_DEBUG"
+
+
+def parse_trials(spec: str, n: int) -> list[int]:
+    """'1-750' / '3,5,10-12' -> sorted 1-based trial numbers, each in 1..n."""
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        lo, _, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f"--trials: {part!r} is not a number or a range like 1-750") from None
+        if not 1 <= a <= b <= n:
+            raise ValueError(f"--trials: {part!r} is outside 1-{n} (the inputs hold {n} trials)")
+        out.update(range(a, b + 1))
+    return sorted(out)
+
+
+def read_image_ids(path: str | Path, n: int) -> np.ndarray:
+    """CSV with columns `trial,image_id` (trial: 1-based over the inputs in order) -> (n,) ids, -1 unknown."""
+    ids = np.full(n, -1, dtype=np.int64)
+    try:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                t = int(row["trial"])
+                if not 1 <= t <= n:
+                    raise ValueError(f"trial {t} is outside 1-{n}")
+                ids[t - 1] = int(row["image_id"])
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: expected a CSV with columns trial,image_id ({type(e).__name__}: {e})") from None
+    return ids
+
+
+def load_inputs(pipe, subject: str, files: list[str], mask: str | None, image_ids_csv: str | None):
+    """-> (z (T, V) float32 as the shards store it, image ids (T,) or None): every file read in the
+    subject's ROI and z-scored as one session."""
+    import nibabel as nib
+
+    from mindsemantix.data.nsd import NSDError, load_roi, read_volumes, zscore_session
+    from mindsemantix.pipeline import BundleError
+
+    spec = pipe.subjects[subject]
+    roi_img, roi_index = load_roi(mask or pipe.root / spec.mask)
+    if len(roi_index[0]) != spec.n_voxels:
+        raise BundleError(f"{mask}: mask selects {len(roi_index[0])} voxels, {subject} has {spec.n_voxels} "
+                          "(mask mismatch: use the subject's ROI in the space of the betas)")
+    if mask:  # the same ROI in another file: same voxels, in the same order
+        ours = np.asarray(nib.load(str(pipe.root / spec.mask)).dataobj) == 1
+        if ours.shape == roi_img.shape and not np.array_equal(ours, np.asarray(roi_img.dataobj) == 1):
+            raise BundleError(f"{mask}: not the ROI {subject} was trained on (mask mismatch: other voxels)")
+    sessions = [read_volumes(f, roi_img, roi_index) for f in files]  # each (T_i, V) percent signal change
+    total = sum(len(s) for s in sessions)
+    ids = read_image_ids(image_ids_csv, total) if image_ids_csv else None
+    held_out = np.asarray(spec.held_out_image_ids, dtype=np.int64)
+    parts, start = [], 0
+    for f, betas in zip(files, sessions):
+        is_test = np.isin(ids[start:start + len(betas)], held_out) if ids is not None else np.zeros(len(betas), bool)
+        try:
+            z, _ = zscore_session(betas, is_test, f)
+        except NSDError as e:
+            raise BundleError(str(e)) from None
+        parts.append(z.astype(np.float16).astype(np.float32))  # the shards' storage precision: same inputs as training
+        start += len(betas)
+    return np.concatenate(parts), ids
+
+
+def group_trials(z: np.ndarray, trials: list[int], ids: np.ndarray | None, subject: str, average: bool):
+    """-> (x (N, V), keys, rows for captions.jsonl): one row per trial, or per image with `average`."""
+    if not average:
+        x = z[[t - 1 for t in trials]]
+        return x, [f"{subject}-trial{t:06d}" for t in trials], [{"trial": t} for t in trials]
+    groups: dict[int, list[int]] = {}
+    for t in trials:
+        if ids[t - 1] >= 0:
+            groups.setdefault(int(ids[t - 1]), []).append(t)
+    order = sorted(groups)
+    x = np.stack([z[[t - 1 for t in groups[i]]].mean(0) for i in order]) if order else np.zeros((0, z.shape[1]), np.float32)
+    return x, [f"{subject}-{i:06d}" for i in order], [{"image_id": i, "trials": groups[i]} for i in order]
+
+
+def save_grid(path: Path, images: list, captions: list[str], keys: list[str], limit: int = 16) -> None:
+    from PIL import Image, ImageDraw
+
+    n = min(limit, len(images))
+    if n == 0:
+        return
+    size, text_h, cols = images[0].width, 34, min(4, n)
+    rows = (n + cols - 1) // cols
+    canvas = Image.new("RGB", (cols * size, rows * (size + text_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i in range(n):
+        x, y = (i % cols) * size, (i // cols) * (size + text_h)
+        canvas.paste(images[i], (x, y))
+        draw.text((x + 2, y + size + 1), keys[i][-14:], fill="black")
+        draw.text((x + 2, y + size + 12), captions[i][: max(8, size // 6)], fill="black")
+    from io import BytesIO
+
+    buf = BytesIO()
+    canvas.save(buf, format="PNG")
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def decode(args: argparse.Namespace) -> Path:
+    from mindsemantix.pipeline import BundleError, MindSemantixPipeline
+
+    pipe = MindSemantixPipeline.from_pretrained(args.model, load_diffusion=args.images)
+    if args.subject not in pipe.subjects:
+        raise BundleError(f"subject {args.subject!r} is not in {args.model} (it decodes "
+                          f"{', '.join(sorted(pipe.subjects))}); a new subject needs `mindsemantix adapt`")
+    z, ids = load_inputs(pipe, args.subject, args.betas, args.mask, args.average_by)
+    trials = parse_trials(args.trials, len(z)) if args.trials else list(range(1, len(z) + 1))
+    x, keys, rows = group_trials(z, trials, ids, args.subject, average=args.average_by is not None)
+    if not len(x):
+        raise BundleError("no trial to decode (with --average-by: none of the selected trials has an image id)")
+    out = pipe(x, args.subject, keys=keys, images=args.images, batch_size=args.batch_size, progress=True)
+    folder = Path(args.out)
+    text = "".join(json.dumps({**row, "key": k, "caption": c}) + "\n" for row, k, c in zip(rows, keys, out.captions))
+    write_bytes_atomic(folder / "captions.jsonl", text.encode())
+    if out.images is not None:
+        from io import BytesIO
+
+        for key, image in zip(keys, out.images):
+            buf = BytesIO()
+            image.save(buf, format="PNG")
+            write_bytes_atomic(folder / "images" / f"{key}.png", buf.getvalue())
+        save_grid(folder / "grid.png", out.images, out.captions, keys)
+    print(f"decode: {len(keys)} {'images' if args.average_by else 'trials'} of {args.subject} -> {folder}")
+    return folder
+
+
+def decode_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mindsemantix decode", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="bundle folder (mindsemantix bundle) or hub id")
+    p.add_argument("--subject", required=True, help="a subject the bundle decodes, e.g. subj01")
+    p.add_argument("--betas", required=True, action="append", metavar="FILE",
+                   help="a session file (.nii.gz / .nii / .hdf5 / .npy); repeat for several sessions")
+    p.add_argument("--mask", default=None, help="the subject's ROI as a NIfTI in the betas' space (default: the bundle's)")
+    p.add_argument("--trials", default=None, help="1-based trials over the inputs in order, e.g. 1-750 or 3,5,10-12")
+    p.add_argument("--average-by", default=None, metavar="IMAGE_IDS.csv",
+                   help="CSV trial,image_id: average the repetitions of each image (and keep the model's test "
+                        "images out of the z-score statistics, as training did)")
+    p.add_argument("--out", required=True, help="output folder: captions.jsonl, images/, grid.png")
+    p.add_argument("--images", action=argparse.BooleanOptionalAction, default=True, help="reconstruct images too")
+    p.add_argument("--batch-size", type=int, default=32)
+    return p
+
+
+def bundle_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mindsemantix bundle", description="Write a run's trained stages as one "
+                                "self-contained model folder (MindSemantixPipeline.save_pretrained).")
+    p.add_argument("--run", required=True, help="run folder with align/export and reconstruct/export, e.g. runs/demo")
+    p.add_argument("--out", required=True, help="bundle folder to write (replaced atomically)")
+    p.add_argument("--data", default=None, help="the shard dataset the run trained on (default: from its config)")
+    return p
+
+
+def _run(fn, argv: list[str] | None) -> int:
+    from mindsemantix.data.nsd import NSDError
+    from mindsemantix.data.shards import ShardError
+    from mindsemantix.export import ExportError
+    from mindsemantix.pipeline import BundleError
+
+    try:
+        fn(argv)
+    except (BundleError, NSDError, ShardError, ExportError, ValueError, FileNotFoundError) as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _run(lambda a: decode(decode_parser().parse_args(a)), argv)
+
+
+def bundle_main(argv: list[str] | None = None) -> int:
+    def run(a):
+        from mindsemantix.pipeline import MindSemantixPipeline
+
+        args = bundle_parser().parse_args(a)
+        pipe = MindSemantixPipeline.from_run(args.run, data=args.data, load_diffusion=False)
+        folder = pipe.save_pretrained(args.out)
+        size = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+        print(f"bundle: wrote {folder} ({size / 1e6:.1f} MB; subjects {', '.join(sorted(pipe.subjects))})")
+
+    return _run(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
