@@ -59,7 +59,7 @@ def read_image_ids(path: str | Path, n: int) -> np.ndarray:
     return ids
 
 
-def load_inputs(pipe, subject: str, files: list[str], mask: str | None, image_ids_csv: str | None):
+def load_inputs(spec, root: Path, subject: str, files: list[str], mask: str | None, image_ids_csv: str | None):
     """-> (z (T, V) float32 as the shards store it, image ids (T,) or None): every file read in the
     subject's ROI and z-scored as one session."""
     import nibabel as nib
@@ -67,13 +67,12 @@ def load_inputs(pipe, subject: str, files: list[str], mask: str | None, image_id
     from mindsemantix.data.nsd import NSDError, load_roi, read_volumes, zscore_session
     from mindsemantix.pipeline import BundleError
 
-    spec = pipe.subjects[subject]
-    roi_img, roi_index = load_roi(mask or pipe.root / spec.mask)
+    roi_img, roi_index = load_roi(mask or root / spec.mask)
     if len(roi_index[0]) != spec.n_voxels:
         raise BundleError(f"{mask}: mask selects {len(roi_index[0])} voxels, {subject} has {spec.n_voxels} "
                           "(mask mismatch: use the subject's ROI in the space of the betas)")
     if mask:  # the same ROI in another file: same voxels, in the same order
-        ours = np.asarray(nib.load(str(pipe.root / spec.mask)).dataobj) == 1
+        ours = np.asarray(nib.load(str(root / spec.mask)).dataobj) == 1
         if ours.shape == roi_img.shape and not np.array_equal(ours, np.asarray(roi_img.dataobj) == 1):
             raise BundleError(f"{mask}: not the ROI {subject} was trained on (mask mismatch: other voxels)")
     sessions = [read_volumes(f, roi_img, roi_index) for f in files]  # each (T_i, V) percent signal change
@@ -129,17 +128,19 @@ def save_grid(path: Path, images: list, captions: list[str], keys: list[str], li
 
 
 def decode(args: argparse.Namespace) -> Path:
-    from mindsemantix.pipeline import BundleError, MindSemantixPipeline
+    from mindsemantix.pipeline import BundleError, MindSemantixPipeline, SubjectSpec, locate_bundle, read_index
 
-    pipe = MindSemantixPipeline.from_pretrained(args.model, load_diffusion=args.images)
-    if args.subject not in pipe.subjects:
+    root = locate_bundle(args.model)
+    subjects = read_index(root)["subjects"]
+    if args.subject not in subjects:  # every input is checked before the models load
         raise BundleError(f"subject {args.subject!r} is not in {args.model} (it decodes "
-                          f"{', '.join(sorted(pipe.subjects))}); a new subject needs `mindsemantix adapt`")
-    z, ids = load_inputs(pipe, args.subject, args.betas, args.mask, args.average_by)
+                          f"{', '.join(sorted(subjects))}); a new subject needs `mindsemantix adapt`")
+    z, ids = load_inputs(SubjectSpec(**subjects[args.subject]), root, args.subject, args.betas, args.mask, args.average_by)
     trials = parse_trials(args.trials, len(z)) if args.trials else list(range(1, len(z) + 1))
     x, keys, rows = group_trials(z, trials, ids, args.subject, average=args.average_by is not None)
     if not len(x):
         raise BundleError("no trial to decode (with --average-by: none of the selected trials has an image id)")
+    pipe = MindSemantixPipeline.from_pretrained(root, load_diffusion=args.images)
     out = pipe(x, args.subject, keys=keys, images=args.images, batch_size=args.batch_size, progress=True)
     folder = Path(args.out)
     text = "".join(json.dumps({**row, "key": k, "caption": c}) + "\n" for row, k, c in zip(rows, keys, out.captions))

@@ -167,23 +167,8 @@ class MindSemantixPipeline:
     def from_pretrained(cls, path_or_hub_id: str | Path, local_files_only: bool = False, load_diffusion: bool = True,
                         revision: str | None = None) -> "MindSemantixPipeline":
         """Load a bundle folder, or download one from the Hugging Face Hub by id."""
-        root = Path(path_or_hub_id).expanduser()
-        if not root.is_dir():
-            if Path(path_or_hub_id).is_absolute() or str(path_or_hub_id).startswith((".", "~")):
-                raise BundleError(f"{path_or_hub_id}: no such bundle folder")
-            from huggingface_hub import snapshot_download
-
-            try:
-                root = Path(snapshot_download(str(path_or_hub_id), revision=revision, local_files_only=local_files_only))
-            except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth: one message naming it
-                raise BundleError(f"{path_or_hub_id}: not a local folder, and the hub copy could not be had "
-                                  f"({type(e).__name__}: {e})") from e
-        index_path = root / INDEX
-        if not index_path.is_file():
-            raise BundleError(f"{root}: not a MindSemantix bundle ({INDEX} is missing)")
-        index = json.loads(index_path.read_text())
-        if index.get("format") != BUNDLE_FORMAT:
-            raise BundleError(f"{index_path}: unknown format {index.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+        root = locate_bundle(path_or_hub_id, local_files_only, revision)
+        index = read_index(root)
         captioner = BrainCaptioner.from_pretrained(root / index["captioner"])
         head = LatentHead.from_pretrained(root / index["latent_head"]) if index.get("latent_head") else None
         diffusion = resolve_reference(index["diffusion"], root) if index.get("diffusion") else None
@@ -229,6 +214,36 @@ class MindSemantixPipeline:
         card = {"run": run.name, "data": _dataset_summary(data_root), "eval": _eval_summary(run)}
         return cls(captioner, head, subjects, resolve_reference(recon_config["diffusion"], recon), settings,
                    data_root, card, load_diffusion=load_diffusion)
+
+
+def locate_bundle(path_or_hub_id: str | Path, local_files_only: bool = False, revision: str | None = None) -> Path:
+    """The local folder of a bundle: the path itself, or the Hub snapshot of an id."""
+    root = Path(path_or_hub_id).expanduser()
+    if root.is_dir():
+        return root
+    if Path(path_or_hub_id).is_absolute() or str(path_or_hub_id).startswith((".", "~")):
+        raise BundleError(f"{path_or_hub_id}: no such bundle folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path_or_hub_id), revision=revision, local_files_only=local_files_only))
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth: one message naming it
+        raise BundleError(f"{path_or_hub_id}: not a local folder, and the hub copy could not be had "
+                          f"({type(e).__name__}: {e})") from e
+
+
+def read_index(root: Path) -> dict[str, Any]:
+    """A bundle's `model_index.json`, checked."""
+    index_path = root / INDEX
+    if not index_path.is_file():
+        raise BundleError(f"{root}: not a MindSemantix bundle ({INDEX} is missing)")
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{index_path}: not valid JSON ({e})") from None
+    if index.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{index_path}: unknown format {index.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+    return index
 
 
 def to_pil(image: torch.Tensor):

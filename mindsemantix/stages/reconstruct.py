@@ -336,7 +336,8 @@ class BrainReconstruct(StageModule):
         config, _ = load_export(folder, EXPORT_KIND)
         kwargs = {"align_export": resolve_reference(config["align_export"], folder),
                   "diffusion": resolve_reference(config["diffusion"], folder),
-                  "sampling": config.get("sampling"), "init_from": str(folder)}
+                  "sampling": config.get("sampling"), "init_from": str(folder),
+                  **{k: config[k] for k in ("scheduler", "n_candidates", "combine_candidates") if k in config}}
         return cls(**{**kwargs, **overrides}).eval()
 
 

@@ -1,0 +1,164 @@
+"""A trained run as one bundle: save -> copy elsewhere -> delete the run -> load gives the run's own
+captions and images bitwise; `mindsemantix decode` on a NIfTI session equals decode on the .npy of
+the same volumes; bad inputs get one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import lightning as L
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from mindsemantix.cli import main as cli_main
+from mindsemantix.data.datamodule import BrainDataModule
+from mindsemantix.models.brain_encoder import BrainEncoder, BrainEncoderConfig
+from mindsemantix.models.diffusion import SmallSDConfig, load_png, small_stable_diffusion
+from mindsemantix.models.qformer import save_tiny_wordpiece_tokenizer
+from mindsemantix.pipeline import BundleError, MindSemantixPipeline
+from mindsemantix.stages.align import BrainAlign
+from mindsemantix.stages.reconstruct import BrainReconstruct
+from mindsemantix.writers import ReconstructionWriter
+
+TINY_SD = SmallSDConfig(resolution=16, vae_channels=(8, 16), unet_channels=(16, 32), attention_head_dim=8,
+                        text_width=16, text_layers=1, text_heads=2, norm_groups=8)
+QFORMER = dict(num_queries=4, num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, embed_dim=16,
+               max_text_length=12)
+SAMPLING = {"num_inference_steps": 2, "strength": 0.5, "guidance_scale": 3.0}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """runs/r/{align,reconstruct}/export over a tiny dataset, a tiny stage-1 encoder, a random tiny
+    LLM and a tiny SD; plus the stage-3 predict outputs (full reconstructions) of the test split."""
+    from conftest import make_tiny_dataset
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MINDSEMANTIX_BF16", "0")  # the trainer below runs in fp32: the pipeline must too
+    root = tmp_path_factory.mktemp("bundle")
+    data = make_tiny_dataset(root / "data", n_images={"train": 10, "val": 3, "test": 4}, image_size=16)
+    dm = BrainDataModule(str(data), batch_size=4, eval_batch_size=4, fields=["captions", "image"])
+    dm.setup()
+    torch.manual_seed(0)
+    encoder = BrainEncoder(BrainEncoderConfig.preset("tiny"), with_decoder=False)
+    for subject, info in dm.subject_info().items():
+        encoder.add_subject(subject, info.coords_mm)
+    runs = root / "runs" / "r"
+    encoder.save_pretrained(runs / "pretrain" / "export")
+    tokenizer = save_tiny_wordpiece_tokenizer(root / "wordpiece", words=["image", "caption"] + [str(i) for i in range(30)])
+    align = BrainAlign(brain_encoder=str(runs / "pretrain" / "export"), phase="generative", llm="random:tiny",
+                       qformer={**QFORMER, "tokenizer": str(tokenizer)}, generation={"max_new_tokens": 4, "rerank": 2})
+    align.save_export(runs / "align" / "export")
+    small_stable_diffusion(TINY_SD, seed=0).save_pretrained(root / "sd")
+    # stage 2's predict: captions of the test split
+    captioner = BrainAlign.from_export(runs / "align" / "export")
+    rows = []
+    for batch in dm.test_dataloader():
+        rows += [{"key": k, "caption": c} for k, c in zip(batch["key"], captioner.caption(batch["fmri"], batch["subject"]))]
+    (runs / "align" / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    torch.manual_seed(0)
+    recon = BrainReconstruct(align_export=str(runs / "align" / "export"), diffusion=str(root / "sd"),
+                             captions=str(runs / "align" / "captions.jsonl"), sampling=SAMPLING, n_candidates=2,
+                             head={"hidden": 32, "token_dim": 8}, variants=["full"], score=False,
+                             predict_dir=str(runs / "reconstruct" / "predict"))
+    recon.export(runs / "reconstruct" / "export")
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=str(runs / "reconstruct"), callbacks=[ReconstructionWriter()]).predict(
+        BrainReconstruct.from_export(runs / "reconstruct" / "export", captions=str(runs / "align" / "captions.jsonl"),
+                                     variants=["full"], score=False, predict_dir=str(runs / "reconstruct" / "predict")),
+        datamodule=BrainDataModule(str(data), batch_size=4, eval_batch_size=4, fields=["captions", "image"]))
+    test = {}
+    for batch in dm.test_dataloader():
+        for k, x in zip(batch["key"], batch["fmri"]):
+            test[k] = (batch["subject"], x)
+    yield {"root": root, "data": data, "run": runs, "captions": {r["key"]: r["caption"] for r in rows}, "test": test}
+    mp.undo()
+
+
+def test_bundle_round_trip_matches_the_run_bitwise(run, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINDSEMANTIX_BF16", "0")
+    assert cli_main(["bundle", "--run", str(run["run"]), "--out", str(tmp_path / "b"), "--data", str(run["data"])]) == 0
+    bundle = tmp_path / "b"
+    assert {"model_index.json", "README.md", "captioner", "latent_head", "diffusion", "subjects"} <= {p.name for p in bundle.iterdir()}
+    # no absolute path in any text file of the bundle
+    for p in bundle.rglob("*"):
+        if p.suffix in (".json", ".md", ".txt", ".yaml"):
+            assert str(tmp_path) not in p.read_text() and str(run["root"]) not in p.read_text(), p
+    card = (bundle / "README.md").read_text()
+    assert "subj01, subj02" in card and "mindsemantix decode" in card
+    # copy it elsewhere, delete the run and everything it read
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.copytree(bundle, moved)
+    shutil.rmtree(bundle)
+    kept = {k: (v, run["captions"][k], load_png(run["run"] / "reconstruct" / "predict" / "full" / f"{k}.png"))
+            for k, v in run["test"].items()}
+    backup = run["root"].parent / (run["root"].name + "-moved-away")
+    shutil.move(run["root"], backup)
+    try:
+        pipe = MindSemantixPipeline.from_pretrained(moved, local_files_only=True)
+        for subject in ("subj01", "subj02"):
+            keys = sorted(k for k, ((s, _), _, _) in kept.items() if s == subject)
+            x = torch.stack([kept[k][0][1] for k in keys])
+            out = pipe(x, subject, keys=keys, batch_size=4)
+            assert out.captions == [kept[k][1] for k in keys]
+            for k, image in zip(keys, out.images):
+                assert torch.equal(torch.from_numpy(np.asarray(image)).permute(2, 0, 1), kept[k][2]), k
+    finally:
+        shutil.move(backup, run["root"])
+
+
+def _write_session(folder: Path, data: Path, subject: str, n_trials: int, seed: int = 0):
+    """A 4-D NIfTI session in the subject's mask space and the .npy of its ROI volumes."""
+    mask = nib.load(str(data / "subjects" / f"{subject}.nii.gz"))
+    roi = np.asarray(mask.dataobj) == 1
+    rng = np.random.default_rng(seed)
+    vol = np.zeros((*mask.shape, n_trials), np.int16)
+    vol[roi] = rng.integers(-600, 600, size=(int(roi.sum()), n_trials))
+    folder.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(vol, mask.affine), str(folder / "betas_session01.nii.gz"))
+    np.save(folder / "session01.npy", vol[roi].T)  # (trials, V) in the mask's C order
+    return folder / "betas_session01.nii.gz", folder / "session01.npy", mask
+
+
+def test_decode_nifti_equals_npy_and_bad_inputs_fail_in_one_line(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MINDSEMANTIX_BF16", "0")
+    bundle = tmp_path / "b"
+    MindSemantixPipeline.from_run(run["run"], data=run["data"], load_diffusion=False).save_pretrained(bundle)
+    nii, npy, mask = _write_session(tmp_path / "scan", run["data"], "subj01", n_trials=6)
+    base = ["decode", "--model", str(bundle), "--subject", "subj01"]
+    assert cli_main(base + ["--betas", str(nii), "--out", str(tmp_path / "o1"), "--trials", "1-3"]) == 0
+    assert cli_main(base + ["--betas", str(npy), "--out", str(tmp_path / "o2"), "--trials", "1-3", "--no-images"]) == 0
+    rows1 = [json.loads(line) for line in (tmp_path / "o1" / "captions.jsonl").read_text().splitlines()]
+    rows2 = [json.loads(line) for line in (tmp_path / "o2" / "captions.jsonl").read_text().splitlines()]
+    assert [r["trial"] for r in rows1] == [1, 2, 3] and rows1 == rows2
+    assert sorted(p.name for p in (tmp_path / "o1" / "images").iterdir()) == [f"subj01-trial00000{i}.png" for i in (1, 2, 3)]
+    assert (tmp_path / "o1" / "grid.png").is_file() and not (tmp_path / "o2" / "images").exists()
+    # averaging repetitions by image id: one row per image, the mean of its trials
+    (tmp_path / "ids.csv").write_text("trial,image_id\n1,7\n2,8\n3,7\n4,9\n5,8\n6,7\n")
+    assert cli_main(base + ["--betas", str(npy), "--out", str(tmp_path / "o3"), "--no-images",
+                            "--average-by", str(tmp_path / "ids.csv")]) == 0
+    rows3 = [json.loads(line) for line in (tmp_path / "o3" / "captions.jsonl").read_text().splitlines()]
+    assert [(r["image_id"], r["trials"]) for r in rows3] == [(7, [1, 3, 6]), (8, [2, 5]), (9, [4])]
+    capsys.readouterr()
+
+    def fails(args, message):
+        assert cli_main(base[:3] + args + ["--out", str(tmp_path / "bad")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+    fails(["--subject", "subj09", "--betas", str(npy)], "'subj09' is not in")
+    wrong = tmp_path / "wrong.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 9, 11, 3), np.int16), mask.affine), str(wrong))
+    fails(["--subject", "subj01", "--betas", str(wrong)], "expected a 4-D volume of shape (8, 9, 10)")
+    other = np.asarray(nib.load(str(run["data"] / "subjects" / "subj02.nii.gz")).dataobj)
+    nib.save(nib.Nifti1Image(other, mask.affine), str(tmp_path / "other_mask.nii.gz"))
+    fails(["--subject", "subj01", "--betas", str(nii), "--mask", str(tmp_path / "other_mask.nii.gz")], "mask mismatch")
+    nan = np.load(npy).astype(np.float32)
+    nan[2, 5] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    fails(["--subject", "subj01", "--betas", str(tmp_path / "nan.npy")], "NaN/inf")
+    assert not (tmp_path / "bad").exists()  # nothing written on failure
