@@ -2,7 +2,7 @@
 
 Every loader takes a hub id or a local path, as users on a cluster pass them (`facebook/opt-2.7b`,
 `/models/vicuna-7b`, ...). Names starting with `offline:` resolve to real pretrained weights that ship
-inside registry packages, so tests and the demo run on machines with no hub access:
+inside registry packages, so tests and the demo run on machines with no hub access (docs/offline.md):
 
 | name                              | what                                              | package |
 |-----------------------------------|---------------------------------------------------|---------|
@@ -81,7 +81,8 @@ def load_causal_lm(name_or_path: str = SMOLLM2, dtype: torch.dtype = torch.float
 
 def _smollm2_folder() -> Path:
     """SmolLM2-135M-Instruct as a plain transformers folder (fp32 safetensors), converted once from the
-    package's GGUF file into the cache: parsing the GGUF costs ~50 s per load on a CPU, the folder ~1 s."""
+    package's GGUF file into the cache: loading the folder is far faster than parsing the GGUF
+    (docs/offline.md)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mindsemantix.io import atomic_dir
