@@ -2,10 +2,11 @@
 
 One step = forward + backward + AdamW step (MinD-Vis's lr, betas, weight decay). Reports the median
 of `--steps` timed steps after `--warmup` untimed ones, in fp32 and under bf16 autocast, for the
-three configurations whose MinD-Vis numbers are in /work/shared/MEASURED.md (2-core AMD EPYC with
-avx512_bf16, 2 threads, idle machine), and beside ours, in the same run, `MindVisShapedMAE`: the
-compute graph of MinD-Vis's `MAEforFMRI`. That same-run ratio is the fair one on a machine that is
-shared or of another class; the ratio to MEASURED.md holds only on an idle machine of that class.
+three configurations whose MinD-Vis numbers are in docs/stage1.md, "Training speed against
+MinD-Vis" (2-core AMD EPYC with avx512_bf16, 2 threads, idle machine; the MEASURED column), and
+beside ours, in the same run, `MindVisShapedMAE`: the compute graph of MinD-Vis's `MAEforFMRI`.
+That same-run ratio is the fair one on a machine that is shared or of another class; the ratio to
+the MEASURED column holds only on an idle machine of that class.
 The two models' steps are timed interleaved. Results go to bench_results/brain_encoder.json, one
 entry per device type, keyed by config/precision/model so partial reruns update in place.
 
@@ -13,8 +14,8 @@ entry per device type, keyed by config/precision/model so partial reruns update 
     nice -n 5 python benchmarks/bench_brain_encoder.py --configs 8k,mindvis --precisions fp32
     python benchmarks/bench_brain_encoder.py --device cuda        # GPU: bf16 attention is a fused flash kernel
 
-bf16 on a CPU without AVX512-BF16/AMX runs matmuls through a slow fallback (below 1 GFLOP/s seen
-here), so CPU bf16 is skipped there unless --force-bf16. Shapes whose MinD-Vis head count is not
+bf16 on a CPU without AVX512-BF16/AMX runs matmuls through a slow fallback (docs/stage2.md,
+"CPU notes"), so CPU bf16 is skipped there unless --force-bf16. Shapes whose MinD-Vis head count is not
 recorded use 64-wide encoder heads; MinD-Vis carries one extra (cls) token.
 """
 
@@ -37,13 +38,13 @@ from mindsemantix.io import write_json_atomic
 from mindsemantix.models.brain_encoder import Block, BrainEncoder, BrainEncoderConfig
 
 # name: (voxels, batch, encoder (width, depth, heads), decoder (width, depth, heads), mlp ratio,
-#        MinD-Vis samples/s fp32, bf16 — MEASURED.md)
+#        MinD-Vis samples/s fp32, bf16 as measured with its own code: docs/stage1.md)
 CONFIGS = {
     "small": (2048, 32, (256, 4, 4), (128, 2, 4), 4.0, 131.0, 129.0),
     "8k": (8192, 32, (768, 12, 12), (512, 4, 16), 4.0, 1.24, 3.78),
     "mindvis": (4656, 16, (1024, 24, 16), (512, 8, 16), 1.0, 1.86, 3.94),
 }
-# Matrix-product peaks of this CPU class at 2 threads, MEASURED.md (GFLOP/s).
+# Matrix-product peaks of this CPU class at 2 threads, GFLOP/s (docs/stage1.md).
 CPU_PEAK_GFLOPS = {"fp32": 207.0, "bf16": 919.0}
 
 
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (MEASURED.md used 2)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the MEASURED column used 2)")
     ap.add_argument("--optimizer", default="fused", choices=["fused", "foreach", "loop"],
                     help="AdamW implementation (fused runs on CPU and CUDA in torch >= 2.4)")
     ap.add_argument("--no-reference", action="store_true",

@@ -17,7 +17,7 @@ corpus without images (MinD-Vis used HCP + GOD). Per subject this recipe
    run), drops the first `--discard` frames, optionally detrends, z-scores every voxel over time;
 4. cuts time windows of `--window` frames every `--stride` frames (MinD-Vis averages windows of
    frames; the datamodule's `mean` of a sample's rows gives that average);
-5. writes Contract-1 shards: key `<dataset>-<subject>-<6-digit window index>`, fmri (window, V)
+5. writes shards (docs/formats.md): key `<dataset>-<subject>-<6-digit window index>`, fmri (window, V)
    float16 with one row per frame (or `--average`: one row), meta with `image_id` -1, the frames'
    1-based numbers over the subject's runs as `trials`, the run and TR.
 

@@ -109,7 +109,7 @@ def _tiny_model() -> SmallSDConfig:
 
 
 # SCALE=tiny trains in well under a minute (for the end-to-end test; images are blobs);
-# demo is the `make demo` default (about 9 minutes on 2 idle AVX2 cores, fp32); full trains longer.
+# demo is the `make demo` default (its cost: docs/stage3.md); full trains longer.
 SCALES = {
     "tiny": ToySDRecipe(model=_tiny_model(), vae_steps=40, vae_batch=8, text_pretrain_steps=20, unet_steps=40,
                         unet_batch=16, warmup_steps=5, eval_scenes=16, eval_steps=8),
@@ -184,8 +184,8 @@ def load_study(nsd_root: str | Path, resolution: int, max_images: int | None = N
 
 def bf16_is_fast(device: torch.device) -> bool:
     """bf16 autocast pays only where the hardware has bf16 arithmetic: on a CPU without AVX512-BF16
-    or AMX, PyTorch falls back to scalar code (a 1024^2 matmul ran 50x slower than fp32 on an
-    AVX2-only EPYC, and bf16 convolutions took its slow reference path)."""
+    or AMX, PyTorch falls back to scalar code for matrix products and convolutions (docs/stage2.md,
+    "CPU notes")."""
     from mindsemantix import cli
 
     return cli.bf16_is_fast(device.type)  # the stages' rule, MINDSEMANTIX_BF16 included

@@ -12,8 +12,8 @@ any BIDS corpus is:
         --out data/shards/toycorpus --roi background --window 4
 
 The default size (4 subjects, 5 sessions of 750 trials, 100 shared test images, 64 x 64 images;
-corpus 4 subjects x 4 runs x 750 frames) builds in 2-3 minutes on 2 CPU cores. See
-docs/data.md for what is simulated and how.
+corpus 4 subjects x 4 runs x 750 frames) takes a few minutes on 2 CPU cores. See docs/data.md
+for what is simulated and how, and what it costs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stage hand-off (DESIGN.md, Contract 3): an export is a folder with `config.json` and
+"""Stage hand-off (docs/formats.md, section 3): an export is a folder with `config.json` and
 `model.safetensors` holding the trained parts only — never frozen LLM / Stable Diffusion weights.
 
 The folder is written atomically (see `mindsemantix.io.atomic_dir`), so an interrupted export never

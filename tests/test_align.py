@@ -11,9 +11,9 @@ import lightning as L
 import pytest
 import torch
 
+from helpers import TINY_QFORMER, write_tiny_exports
 from mindsemantix.data.datamodule import BrainDataModule
 from mindsemantix.export import load_export
-from mindsemantix.models.brain_encoder import BrainEncoder, BrainEncoderConfig
 from mindsemantix.models.llm_bridge import LLMBridge, tiny_random_causal_lm
 from mindsemantix.models.qformer import save_tiny_wordpiece_tokenizer
 from mindsemantix.stages.align import BrainAlign, CaptionWriter
@@ -124,10 +124,9 @@ def test_ridge_readout_recovers_word_content_and_starts_as_a_zero_bias():
     assert torch.corrcoef(torch.stack([z[:, red], targets[250:, red]]))[0, 1] > 0.8
 
 
-# -- the LightningModule: both phases on a tiny Contract-1 dataset -------------------------------------
+# -- the LightningModule: both phases on a tiny shard dataset -----------------------------------------
 
-QFORMER = dict(num_queries=4, num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, embed_dim=16,
-               max_text_length=12)
+QFORMER = TINY_QFORMER
 
 
 @pytest.fixture(scope="module")
@@ -137,15 +136,9 @@ def stage2_inputs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("stage2")
     data = make_tiny_dataset(root / "data", n_images={"train": 12, "val": 4, "test": 5}, image_size=16)
-    dm = BrainDataModule(str(data), batch_size=4, fields=["captions", "image"])
-    dm.setup()
-    torch.manual_seed(0)
-    encoder = BrainEncoder(BrainEncoderConfig.preset("tiny"), with_decoder=False)
-    encoder.add_subject("subj01", dm.subject_info()["subj01"].coords_mm)
-    encoder.save_pretrained(root / "stage1")
-    tokenizer = save_tiny_wordpiece_tokenizer(root / "wordpiece", words=[w for c in CAPTIONS for w in c.split()]
-                                              + ["image", "caption"] + [str(i) for i in range(30)])
-    return {"root": root, "data": str(data), "stage1": str(root / "stage1"), "tokenizer": str(tokenizer)}
+    exports = write_tiny_exports(root, data, subjects=["subj01"], words=[w for c in CAPTIONS for w in c.split()],
+                                 align=False, sd=False)
+    return {"root": root, "data": str(data), "stage1": exports["stage1"], "tokenizer": exports["tokenizer"]}
 
 
 def _trainer(root: Path, steps: int, **kwargs) -> L.Trainer:

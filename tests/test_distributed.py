@@ -4,12 +4,8 @@ equal step counts, one export written by rank 0 only, no hang on shards that spl
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import REPO, run_cli
 
 TINY_DDP = """
 trainer:
@@ -39,12 +35,9 @@ def test_ddp_stage1_ranks_agree_and_rank0_exports(tiny_dataset_factory, tmp_path
     run, probes = tmp_path / "run", tmp_path / "probes"
     config = tmp_path / "ddp.yaml"
     config.write_text(TINY_DDP)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "mindsemantix.cli", "fit", "--config", str(ROOT / "stages/pretrain.yaml"),
-                           "--config", str(config), f"--data.datasets=[{data}]", f"--trainer.default_root_dir={run}",
-                           "--trainer.callbacks+=probe_callbacks.RecordWeights", f"--trainer.callbacks.out_dir={probes}"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_cli("fit", "--config", str(REPO / "stages/pretrain.yaml"), "--config", str(config),
+                   f"--data.datasets=[{data}]", f"--trainer.default_root_dir={run}",
+                   "--trainer.callbacks+=probe_callbacks.RecordWeights", f"--trainer.callbacks.out_dir={probes}")
     ranks = [json.loads((probes / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 5

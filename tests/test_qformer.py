@@ -9,13 +9,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from helpers import TINY_QFORMER
+
 from mindsemantix.models.qformer import (BrainQFormer, FeatureQueue, QFormerConfig, contrastive_loss,
                                          gather_across_ranks, multimodal_causal_mask, representation_losses,
                                          sample_hard_negatives, save_tiny_wordpiece_tokenizer,
                                          vision_alignment_loss)
 
-TINY = dict(num_queries=4, num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, embed_dim=16,
-            max_text_length=12, dropout=0.0)
+TINY = {**TINY_QFORMER, "dropout": 0.0}
 CONCEPTS = ["a red circle", "a blue square", "two green stars", "a small pink heart", "a white cross on grass",
             "three yellow triangles"]
 

@@ -12,16 +12,8 @@ import torch
 
 from mindsemantix.data.datamodule import BrainDataModule
 from mindsemantix.export import load_export
-from mindsemantix.models.brain_encoder import BrainEncoder, BrainEncoderConfig
-from mindsemantix.models.diffusion import SmallSDConfig, load_png, small_stable_diffusion
-from mindsemantix.models.qformer import save_tiny_wordpiece_tokenizer
-from mindsemantix.stages.align import BrainAlign
+from mindsemantix.models.diffusion import load_png
 from mindsemantix.stages.reconstruct import BrainReconstruct, LatentHead
-
-TINY_SD = SmallSDConfig(resolution=16, vae_channels=(8, 16), unet_channels=(16, 32), attention_head_dim=8,
-                        text_width=16, text_layers=1, text_heads=2, norm_groups=8)
-QFORMER = dict(num_queries=4, num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, embed_dim=16,
-               max_text_length=12)
 SAMPLING = {"num_inference_steps": 2, "strength": 0.5, "guidance_scale": 3.0}
 
 
@@ -30,22 +22,16 @@ def stage3_inputs(tmp_path_factory):
     """A tiny dataset (2 subjects, 16 px images), a stage-2 export over a tiny stage-1 encoder that
     knows both subjects, a tiny random SD folder, and stage 2's captions for the test keys."""
     from conftest import make_tiny_dataset
+    from helpers import write_tiny_exports
 
     root = tmp_path_factory.mktemp("stage3")
     data = make_tiny_dataset(root / "data", n_images={"train": 12, "val": 4, "test": 5}, image_size=16)
+    exports = write_tiny_exports(root, data)
     dm = BrainDataModule(str(data), batch_size=4, fields=["captions", "image"])
     dm.setup()
-    torch.manual_seed(0)
-    encoder = BrainEncoder(BrainEncoderConfig.preset("tiny"), with_decoder=False)
-    for subject, info in dm.subject_info().items():
-        encoder.add_subject(subject, info.coords_mm)
-    encoder.save_pretrained(root / "stage1")
-    tokenizer = save_tiny_wordpiece_tokenizer(root / "wordpiece", words=["image", "caption"] + [str(i) for i in range(30)])
-    BrainAlign(brain_encoder=str(root / "stage1"), qformer={**QFORMER, "tokenizer": str(tokenizer)}).save_export(root / "align")
-    small_stable_diffusion(TINY_SD, seed=0).save_pretrained(root / "sd")
     keys = sorted(r.key for r in dm.split_refs("test"))
     (root / "captions.jsonl").write_text("".join(json.dumps({"key": k, "caption": f"decoded {k}"}) + "\n" for k in keys))
-    return {"root": root, "data": str(data), "align": str(root / "align"), "sd": str(root / "sd"),
+    return {"root": root, "data": str(data), "align": exports["align"], "sd": exports["sd"],
             "captions": str(root / "captions.jsonl"), "test_keys": keys}
 
 

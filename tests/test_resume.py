@@ -7,18 +7,16 @@ weights as an uninterrupted run; a corrupt `last.ckpt` falls back to the previou
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import REPO, run_cli
 from mindsemantix.callbacks import CheckpointError, load_checkpoint_safely, resolve_last_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = """
 trainer:
   precision: 32-true
@@ -41,12 +39,8 @@ data:
 def fit(run: Path, data: Path, *extra: str, expect_rc: int = 0) -> subprocess.CompletedProcess:
     config = run.parent / "tiny.yaml"
     config.write_text(TINY)
-    cmd = [sys.executable, "-m", "mindsemantix.cli", "fit", "--config", str(ROOT / "stages/pretrain.yaml"),
-           "--config", str(config), f"--data.datasets=[{data}]", f"--trainer.default_root_dir={run}", *extra]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == expect_rc, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
+    return run_cli("fit", "--config", str(REPO / "stages/pretrain.yaml"), "--config", str(config),
+                   f"--data.datasets=[{data}]", f"--trainer.default_root_dir={run}", *extra, expect_rc=expect_rc)
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

@@ -10,9 +10,7 @@ caption exactly once."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,11 +18,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from helpers import TINY_QFORMER, run_cli, write_tiny_exports
 from mindsemantix.callbacks import load_checkpoint_safely
 
-ROOT = Path(__file__).resolve().parent.parent
-QFORMER = dict(num_queries=4, num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, embed_dim=16,
-               max_text_length=12, dropout=0.1, itg_vocab="seen")
+QFORMER = {**TINY_QFORMER, "dropout": 0.1, "itg_vocab": "seen"}
 TRAINER = {"accelerator": "cpu", "precision": "32-true", "max_steps": 8, "val_check_interval": 4,
            "check_val_every_n_epoch": None, "limit_val_batches": 1, "num_sanity_val_steps": 0,
            "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1,
@@ -38,29 +35,11 @@ def inputs(tmp_path_factory):
     over both subjects, a tiny random SD folder and captions for the test keys."""
     from conftest import make_tiny_dataset
 
-    from mindsemantix.data.datamodule import BrainDataModule
-    from mindsemantix.models.brain_encoder import BrainEncoder, BrainEncoderConfig
-    from mindsemantix.models.diffusion import SmallSDConfig, small_stable_diffusion
-    from mindsemantix.models.qformer import save_tiny_wordpiece_tokenizer
-    from mindsemantix.stages.align import BrainAlign
-
     root = tmp_path_factory.mktemp("resume_stages")
     data = make_tiny_dataset(root / "data", n_images={"train": 14, "val": 4, "test": 4}, image_size=16)
-    dm = BrainDataModule(str(data), batch_size=4)
-    dm.setup()
-    torch.manual_seed(0)
-    encoder = BrainEncoder(BrainEncoderConfig.preset("tiny"), with_decoder=False)
-    for subject, info in dm.subject_info().items():
-        encoder.add_subject(subject, info.coords_mm)
-    encoder.save_pretrained(root / "stage1")
-    tokenizer = save_tiny_wordpiece_tokenizer(root / "wordpiece", words=["image", "caption"] + [str(i) for i in range(30)])
-    qformer = {**QFORMER, "tokenizer": str(tokenizer)}
-    BrainAlign(brain_encoder=str(root / "stage1"), qformer=qformer).save_export(root / "align")
-    sd = SmallSDConfig(resolution=16, vae_channels=(8, 16), unet_channels=(16, 32), attention_head_dim=8,
-                       text_width=16, text_layers=1, text_heads=2, norm_groups=8)
-    small_stable_diffusion(sd, seed=0).save_pretrained(root / "sd")
-    return {"root": root, "data": str(data), "stage1": str(root / "stage1"), "qformer": qformer,
-            "align": str(root / "align"), "sd": str(root / "sd")}
+    exports = write_tiny_exports(root, data, qformer=QFORMER)
+    return {"root": root, "data": str(data), "stage1": exports["stage1"], "qformer": exports["qformer"],
+            "align": exports["align"], "sd": exports["sd"]}
 
 
 def config(stage: str, s: dict) -> dict:
@@ -84,12 +63,7 @@ def fit(stage: str, s: dict, run: Path, *extra: str, expect_rc: int = 0, subcomm
     cfg = config(stage, s)
     cfg["trainer"] = {**cfg["trainer"], **(trainer or {})}
     path.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "mindsemantix.cli", subcommand, "--config", str(path),
-           f"--trainer.default_root_dir={run}", *extra]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == expect_rc, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
+    return run_cli(subcommand, "--config", str(path), f"--trainer.default_root_dir={run}", *extra, expect_rc=expect_rc)
 
 
 def export_tensors(run: Path) -> dict[str, torch.Tensor]:

@@ -164,12 +164,6 @@ def _check_ssim_shapes(a: np.ndarray, b: np.ndarray) -> None:
         raise ImageInputError(f"image {a.shape} too small for an {2 * SSIM_RADIUS + 1}-px SSIM window")
 
 
-def ssim_gray(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
-    """Mean SSIM of two 2-D images (Wang et al. 2004) with Gaussian weights as MindEye uses it."""
-    _check_ssim_shapes(a, b)
-    return _ssim_from_moments(_ssim_moments(a), _ssim_moments(b), data_range)
-
-
 def two_way_identification(pred_features: torch.Tensor | np.ndarray, target_features: torch.Tensor | np.ndarray
                            ) -> float:
     """MindEye's 2-way identification from (N, D) feature rows of predictions and targets."""

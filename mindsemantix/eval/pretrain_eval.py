@@ -1,4 +1,4 @@
-"""Does stage-1 pretraining help? Two measures on the simulated study (issue 4).
+"""Does stage-1 pretraining help? Two measures on the simulated study (results: docs/stage1.md).
 
 1. Masked-voxel reconstruction, with the masks of BrainMAE's validation metric (the export's mask
    ratio, the same seeded per-batch masks, the same subject-homogeneous batches of the same val

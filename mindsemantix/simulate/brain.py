@@ -56,7 +56,6 @@ HUE_DEGREES = {"red": 0, "orange": 30, "yellow": 55, "green": 120, "blue": 225, 
                "pink": 330, "white": None}  # white is achromatic
 MAP_SIZE = 32  # low-level feature maps are computed at 32 x 32
 N_CHROMA_CHANNELS = 6  # colour-opponent directions an early voxel can prefer
-COMPONENTS = ("low", "mid", "high", "numerosity", "scene")
 
 
 # ----------------------------------------------------------------------------------------------

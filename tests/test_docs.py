@@ -1,0 +1,74 @@
+"""The docs stand alone: docs/data.md's ShardWriter example runs as written, and no file of the
+repository points to design files that live outside it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from helpers import REPO
+
+# Built from pieces so that this file does not match its own pattern.
+OUTSIDE_REFERENCE = re.compile("|".join([r"(DESIGN|MEASURED|OFFLINE)\.md", r"\.\./shared", "/work/" + "shared",
+                                         r"\bContract[- ]\d"]))
+
+# TODO(lead): these files still point outside the repository (they were being edited elsewhere when
+# this test was written); whoever edits one next replaces its references with docs/formats.md or
+# docs/offline.md and removes it from this list (test_allow_list_is_current insists).
+NOT_YET_FIXED = {
+    "mindsemantix/stages/align.py", "mindsemantix/stages/reconstruct.py",
+    "mindsemantix/cli.py", "mindsemantix/stages/base.py", "mindsemantix/models/brain_encoder.py",
+    "mindsemantix/models/diffusion.py", "mindsemantix/data/shards.py", "mindsemantix/data/datamodule.py",
+    "mindsemantix/eval/report.py", "mindsemantix/eval/feature_nets.py", "mindsemantix/eval/captions.py",
+    "mindsemantix/eval/images.py", "mindsemantix/eval/baselines.py", "data_recipes/nsd.py",
+    "tests/conftest.py", "tests/test_demo.py", "tests/test_eval_report.py", "tests/test_shards.py",
+}
+
+
+def python_block_after(markdown: str, heading: str) -> str:
+    """The first ```python block in the section that starts with the line `heading`."""
+    start = markdown.index("\n" + heading + "\n")
+    block = re.search(r"^```python\n(.*?)^```$", markdown[start:], re.S | re.M)
+    assert block, f"no python block under {heading!r}"
+    return block.group(1)
+
+
+def test_data_md_shardwriter_example_runs(tmp_path):
+    code = python_block_after((REPO / "docs/data.md").read_text(), "## 4. Your own dataset (`ShardWriter`)")
+    (tmp_path / "example.py").write_text(code)
+    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "my_shards" / "manifest.json").is_file()
+    assert "sub01: 64 voxels" in proc.stdout and "sha256 OK" in proc.stdout
+
+
+def repository_files() -> list[str]:
+    """Tracked files plus new ones git does not ignore (what a commit would hold)."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    return [f for f in out.splitlines() if (REPO / f).is_file()]
+
+
+def test_no_file_points_outside_the_repository():
+    offenders = []
+    for name in repository_files():
+        if name in NOT_YET_FIXED:
+            continue
+        try:
+            text = (REPO / name).read_text()
+        except UnicodeDecodeError:
+            continue  # binary files
+        offenders += [f"{name}:{i}: {line.strip()}" for i, line in enumerate(text.splitlines(), 1)
+                      if OUTSIDE_REFERENCE.search(line)]
+    assert not offenders, "references to files outside the repository (describe it in docs/ instead):\n" + \
+        "\n".join(offenders)
+
+
+def test_allow_list_is_current():
+    # a file that no longer points outside leaves NOT_YET_FIXED, so the list only shrinks
+    stale = [name for name in sorted(NOT_YET_FIXED)
+             if not (REPO / name).is_file() or not OUTSIDE_REFERENCE.search((REPO / name).read_text())]
+    assert not stale, f"remove from NOT_YET_FIXED in tests/test_docs.py: {stale}"
