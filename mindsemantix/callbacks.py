@@ -138,6 +138,32 @@ class Preemption(L.Callback):
                 print(f"preemption: scontrol requeue {job} -> exit {result.returncode}")
 
 
+class DataSkipReport(L.Callback):
+    """Logs what the datamodule's `on_error: skip` dropped as metrics (`data/skipped_shards`,
+    `data/skipped_samples`) after every training and validation epoch, so a run that lost part of
+    its data shows it in its curves, not only in one warning line (the datamodule also prints a
+    summary at the end of fit/validate/test/predict)."""
+
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        counts_of = getattr(trainer.datamodule, "skip_counts", None)
+        if counts_of is None:
+            return
+        from mindsemantix.data.shards import SHARD_SKIPS
+
+        counts = counts_of()
+        shards = sum(n for r, n in counts.items() if r in SHARD_SKIPS)
+        pl_module.log("data/skipped_shards", float(shards), rank_zero_only=True)
+        # index-time skips are the same on every rank; decode-time ones differ: take the largest
+        pl_module.log("data/skipped_samples", float(sum(counts.values()) - shards), sync_dist=True, reduce_fx="max")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._log(trainer, pl_module)
+
+
 class RunCSVLogger(CSVLogger):
     """Lightning's CSVLogger, except that a resumed run (`resume=True`) keeps the curves logged before
     the interruption: the stock logger deletes `metrics.csv` when its folder is not empty. Rows

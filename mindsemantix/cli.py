@@ -142,11 +142,11 @@ def lightning_cli(args: list[str] | None = None):
                                       "init_args": {"save_dir": str(save_dir), "name": "", "version": "",
                                                     "resume": self.subcommand == "fit" and bool(cfg.get("ckpt_path"))}}
 
-    from mindsemantix.callbacks import AtomicCheckpointIO, Preemption
+    from mindsemantix.callbacks import AtomicCheckpointIO, DataSkipReport, Preemption
 
     return MindSemantixCLI(
         L.LightningModule, BrainDataModule, subclass_mode_model=True,
-        trainer_defaults={"callbacks": [Preemption()], "plugins": [AtomicCheckpointIO()]},
+        trainer_defaults={"callbacks": [Preemption(), DataSkipReport()], "plugins": [AtomicCheckpointIO()]},
         seed_everything_default=0, save_config_kwargs={"overwrite": True}, args=args,
         parser_kwargs={"prog": "mindsemantix"},
     )

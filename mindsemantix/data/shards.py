@@ -40,6 +40,7 @@ SPLITS = ("train", "val", "test")
 KEY_RE = re.compile(r"^[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*-\d{6}$")  # <subject>-<6 digits>, no dots
 FIELD_EXT = {"fmri": "fmri.npy", "meta": "meta.json", "captions": "captions.json", "image": "image.png"}
 REQUIRED_META = ("subject", "image_id", "trials", "split")
+SHARD_SKIPS = ("missing_shard", "bad_shard")  # skip reasons that count shards; the others count samples
 
 
 class ShardError(ValueError):
@@ -275,11 +276,66 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+VERIFY_CACHE = ".mindsemantix-verified.json"
+
+
+class VerifyCache:
+    """Remembers which shards' sha256 matched the manifest, so a restarted run does not re-hash
+    terabytes. A verdict holds while the manifest (by its sha256) and the shard's size and mtime are
+    unchanged; anything else is hashed again. Kept in the dataset folder (`.mindsemantix-verified.json`),
+    or, where that is read-only, under `$XDG_CACHE_HOME/mindsemantix/verified/` (or ~/.cache)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.manifest_sha256 = sha256_file(root / "manifest.json")
+        self.path = self._location()
+        self.entries: dict[str, dict[str, Any]] = {}
+        self._dirty = False
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            saved = json.loads(self.path.read_text())
+            if saved.get("manifest_sha256") == self.manifest_sha256:
+                self.entries = dict(saved["shards"])
+
+    def _location(self) -> Path:
+        if os.access(self.root, os.W_OK):
+            return self.root / VERIFY_CACHE
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        name = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:20]
+        return base / "mindsemantix" / "verified" / f"{name}.json"
+
+    @staticmethod
+    def _stamp(path: Path, expected: str) -> dict[str, Any]:
+        st = path.stat()
+        return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": expected}
+
+    def verdict(self, rel: str, path: Path, expected: str) -> bool | None:
+        entry = self.entries.get(rel)
+        if entry and {k: entry.get(k) for k in ("bytes", "mtime_ns", "sha256")} == self._stamp(path, expected):
+            return bool(entry["ok"])
+        return None
+
+    def record(self, rel: str, path: Path, expected: str, ok: bool) -> None:
+        self.entries[rel] = {**self._stamp(path, expected), "ok": ok}
+        self._dirty = True
+
+    def save(self) -> None:
+        if not self._dirty:
+            return
+        from mindsemantix.io import write_json_atomic
+
+        try:
+            write_json_atomic(self.path, {"manifest_sha256": self.manifest_sha256, "shards": self.entries})
+            self._dirty = False
+        except OSError as e:  # a cache: failing to keep it costs time, not correctness
+            log.warning("could not save the checksum cache %s (%s); shards will be hashed again next time", self.path, e)
+
+
 class ShardDataset:
     """One Contract-1 dataset: manifest, subjects, and an index of every sample's tar members.
 
     `on_error="raise"` (default) turns any bad shard or sample into a ShardError naming the file and
-    key; `"skip"` drops it, counts it in `self.skipped` and logs a warning.
+    key; `"skip"` drops it, counts it in `self.skipped` and logs a warning. `verify="sha256"` checks
+    each shard's checksum once per dataset version (see VerifyCache); "size" checks sizes only.
     """
 
     def __init__(self, root: str | os.PathLike, *, verify: str = "sha256", on_error: str = "raise"):
@@ -299,6 +355,7 @@ class ShardDataset:
             if not entry.mask_path.is_file():
                 raise ShardError(f"{entry.mask_path}: mask of subject {entry.name} is missing")
         self._index: dict[str, list[SampleRef]] = {}
+        self._verify_cache = VerifyCache(self.root) if verify == "sha256" else None
 
     @property
     def splits(self) -> list[str]:
@@ -317,6 +374,8 @@ class ShardDataset:
             for shard in self.manifest["splits"].get(split, {}).get("shards", []):
                 refs.extend(self._index_shard(shard))
             self._index[split] = refs
+            if self._verify_cache is not None:
+                self._verify_cache.save()
         return self._index[split]
 
     def _index_shard(self, shard: dict[str, Any]) -> list[SampleRef]:
@@ -328,7 +387,7 @@ class ShardDataset:
         if self.verify in ("sha256", "size") and "bytes" in shard and size != shard["bytes"]:
             self._skip("bad_shard", f"{path}: {size} bytes, manifest says {shard['bytes']} (truncated or replaced)")
             return []
-        if self.verify == "sha256" and sha256_file(path) != shard["sha256"]:
+        if self.verify == "sha256" and not self._checksum_ok(shard["file"], path, shard["sha256"]):
             self._skip("bad_shard", f"{path}: sha256 does not match the manifest (corrupt or modified)")
             return []
         grouped: dict[str, dict[str, tuple[int, int]]] = {}
@@ -354,6 +413,14 @@ class ShardDataset:
                 if ref is not None:
                     refs.append(ref)
         return refs
+
+    def _checksum_ok(self, rel: str, path: Path, expected: str) -> bool:
+        assert self._verify_cache is not None
+        ok = self._verify_cache.verdict(rel, path, expected)
+        if ok is None:
+            ok = sha256_file(path) == expected
+            self._verify_cache.record(rel, path, expected, ok)
+        return ok
 
     def _check_sample(self, f, path: Path, key: str, members: dict[str, tuple[int, int]]) -> SampleRef | None:
         where = f"{path} [{key}]"
