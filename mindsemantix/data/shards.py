@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "mindsemantix-shards/1"
 SPLITS = ("train", "val", "test")
-KEY_RE = re.compile(r"^[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*-\d{6}$")  # <subject>-<6 digits>, no dots
+SUBJECT_RE = re.compile(r"[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*")  # letters, digits, '_', inner '-'; no dots or slashes
+KEY_RE = re.compile(SUBJECT_RE.pattern + r"-\d{6}")  # <subject>-<6 digits>; always used with fullmatch
 FIELD_EXT = {"fmri": "fmri.npy", "meta": "meta.json", "captions": "captions.json", "image": "image.png"}
 REQUIRED_META = ("subject", "image_id", "trials", "split")
 SHARD_SKIPS = ("missing_shard", "bad_shard")  # skip reasons that count shards; the others count samples
@@ -108,7 +109,7 @@ class ShardWriter:
     def add_subject(self, subject: str, mask: nib.spatialimages.SpatialImage | str | os.PathLike,
                     roi_value: int = 1, **info: Any) -> int:
         """Register a subject with its ROI (`mask == roi_value`); returns its voxel count."""
-        if not re.fullmatch(r"[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*", subject):
+        if not SUBJECT_RE.fullmatch(subject):
             raise ShardError(f"subject name {subject!r} must be letters, digits, '_' or '-' (no dots)")
         if subject in self._subjects:
             raise ShardError(f"subject {subject!r} added twice")
@@ -133,7 +134,7 @@ class ShardWriter:
             raise RuntimeError("ShardWriter is closed")
         if split not in SPLITS:
             raise ShardError(f"{key}: split must be one of {SPLITS}, got {split!r}")
-        if not KEY_RE.match(key):
+        if not KEY_RE.fullmatch(key):
             raise ShardError(f"key {key!r} must be '<subject>-<6 digits>' with no dots")
         if key in self._keys:
             raise ShardError(f"key {key!r} written twice")
@@ -256,6 +257,25 @@ class SubjectEntry:
         return nib.affines.apply_affine(img.affine, ijk).astype(np.float32)
 
 
+def checked_key(key: str) -> str:
+    """`key` if it has the writer's form ('<subject>-<6 digits>', nothing that makes a path), else ShardError.
+    Output file names built from keys (`<key>.png`) use only keys that passed this."""
+    if not isinstance(key, str) or not KEY_RE.fullmatch(key):
+        raise ShardError(f"key {key!r} is not '<subject>-<6 digits>' (letters, digits, '_', '-'; no dots or slashes)")
+    return key
+
+
+def confined(root: Path, rel: Any, what: str) -> Path:
+    """root / rel, refusing anything that leaves the dataset folder (absolute paths, '..', symlinks out)."""
+    where = root / "manifest.json"
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
+        raise ShardError(f"{where}: {what} path {rel!r} must be relative to the dataset folder")
+    path = root / rel
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ShardError(f"{where}: {what} path {rel!r} leaves the dataset folder {root}")
+    return path
+
+
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     root = Path(root)
     path = root / "manifest.json"
@@ -273,6 +293,12 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     for k in ("dataset", "subjects", "splits"):
         if k not in manifest:
             raise ShardError(f"{path}: no {k!r} entry")
+    for subject in manifest["subjects"]:
+        if not SUBJECT_RE.fullmatch(subject):
+            raise ShardError(f"{path}: subject name {subject!r} must be letters, digits, '_' or '-' (no dots or slashes)")
+    for split in manifest["splits"]:
+        if split not in SPLITS:
+            raise ShardError(f"{path}: split {split!r} is not one of {SPLITS}")
     return manifest
 
 
@@ -348,7 +374,7 @@ class ShardDataset:
         self.name = self.manifest["dataset"]
         self.skipped: dict[str, int] = {}
         self.subjects = {
-            s: SubjectEntry(s, int(info["n_voxels"]), self.root / info["mask"], self.name, info)
+            s: SubjectEntry(s, int(info["n_voxels"]), confined(self.root, info.get("mask"), f"mask of {s}"), self.name, info)
             for s, info in self.manifest["subjects"].items()
         }
         for entry in self.subjects.values():
@@ -379,7 +405,7 @@ class ShardDataset:
         return self._index[split]
 
     def _index_shard(self, shard: dict[str, Any]) -> list[SampleRef]:
-        path = self.root / shard["file"]
+        path = confined(self.root, shard.get("file"), "shard")
         if not path.is_file():
             self._skip("missing_shard", f"{path}: shard listed in the manifest is missing")
             return []
@@ -423,6 +449,10 @@ class ShardDataset:
         return ok
 
     def _check_sample(self, f, path: Path, key: str, members: dict[str, tuple[int, int]]) -> SampleRef | None:
+        where = f"{path} [{key!r}]"
+        if not KEY_RE.fullmatch(key):
+            self._skip("bad_key", f"{where}: key is not '<subject>-<6 digits>' (letters, digits, '_', '-'; no dots or slashes)")
+            return None
         where = f"{path} [{key}]"
         for ext in (FIELD_EXT["fmri"], FIELD_EXT["meta"]):
             if ext not in members:
