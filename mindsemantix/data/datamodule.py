@@ -157,7 +157,7 @@ class SampleSet(Dataset):
             if target is not None:
                 sample["fmri_target"] = target
             if "captions" in self.fields:
-                sample["captions"] = self.reader.json(ref, "captions")
+                sample["captions"] = self.reader.captions(ref)
             if "image" in self.fields:
                 image = self.reader.image(ref)
                 if self.image_size and image.shape[:2] != (self.image_size, self.image_size):

@@ -41,6 +41,7 @@ SUBJECT_RE = re.compile(r"[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*")  # letters, digits,
 KEY_RE = re.compile(SUBJECT_RE.pattern + r"-\d{6}")  # <subject>-<6 digits>; always used with fullmatch
 FIELD_EXT = {"fmri": "fmri.npy", "meta": "meta.json", "captions": "captions.json", "image": "image.png"}
 REQUIRED_META = ("subject", "image_id", "trials", "split")
+MAX_IMAGE_PIXELS = 4096 * 4096  # larger "stimuli" are refused before decoding (decompression bombs)
 SHARD_SKIPS = ("missing_shard", "bad_shard")  # skip reasons that count shards; the others count samples
 
 
@@ -466,17 +467,24 @@ class ShardDataset:
         off, n = members[FIELD_EXT["fmri"]]
         f.seek(off)
         try:
-            header = io.BytesIO(f.read(min(n, 256)))
+            header = io.BytesIO(f.read(min(n, 4096)))
             version = np.lib.format.read_magic(header)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = read_header(header)
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, EOFError, SyntaxError) as e:
             self._skip("bad_fmri", f"{where}: fmri.npy is not a valid npy array ({e})")
             return None
         expected = self.subjects[subject].n_voxels
         if len(shape) != 2 or shape[1] != expected or dtype.kind != "f":
             self._skip("bad_fmri", f"{where}: fmri.npy has shape {shape} dtype {dtype}, expected (R, {expected}) float "
                                    f"for {subject} per the manifest")
+            return None
+        if shape[0] < 1:  # a mean over no repetitions is NaN
+            self._skip("bad_fmri", f"{where}: fmri.npy has 0 repetitions (shape {shape})")
+            return None
+        # the header must describe exactly the bytes that follow (an absurd row count would be a MemoryError later)
+        if header.tell() + shape[0] * shape[1] * dtype.itemsize != n:
+            self._skip("bad_fmri", f"{where}: fmri.npy header declares shape {shape} {dtype} but the member holds {n} bytes")
             return None
         return SampleRef(key=key, shard=str(path), members=members, subject=subject,
                          image_id=int(key.rsplit("-", 1)[1]))
@@ -511,8 +519,10 @@ class SampleReader:
         """(R, V) float32; raises ShardError on undecodable or non-finite data."""
         try:
             arr = np.load(io.BytesIO(self.read(ref, FIELD_EXT["fmri"])), allow_pickle=False)
-        except ValueError as e:
+        except (ValueError, OSError, EOFError, SyntaxError) as e:
             raise ShardError(f"{ref.shard} [{ref.key}]: fmri.npy undecodable ({e})") from e
+        if arr.ndim != 2 or arr.shape[0] < 1:
+            raise ShardError(f"{ref.shard} [{ref.key}]: fmri.npy has shape {arr.shape}, expected (R >= 1, V)")
         arr = arr.astype(np.float32)
         if not np.isfinite(arr).all():
             bad = int((~np.isfinite(arr)).sum())
@@ -520,16 +530,35 @@ class SampleReader:
         return arr
 
     def json(self, ref: SampleRef, field_name: str) -> Any:
+        if field_name == "captions":
+            return self.captions(ref)
+        return self._json(ref, field_name)
+
+    def _json(self, ref: SampleRef, field_name: str) -> Any:
         try:
             return json.loads(self.read(ref, FIELD_EXT[field_name]))
-        except json.JSONDecodeError as e:
-            raise ShardError(f"{ref.shard} [{ref.key}]: {FIELD_EXT[field_name]} is not valid JSON ({e})") from e
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8; absurdly deep nesting
+            reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise ShardError(f"{ref.shard} [{ref.key}]: {FIELD_EXT[field_name]} is not valid JSON ({reason})") from None
+
+    def captions(self, ref: SampleRef) -> list[str]:
+        """The sample's captions: a non-empty list of non-empty strings, or ShardError."""
+        captions = self._json(ref, "captions")
+        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+            raise ShardError(f"{ref.shard} [{ref.key}]: captions.json must be a non-empty list of non-empty strings, "
+                             f"got {str(captions)[:60]!r}")
+        return captions
 
     def image(self, ref: SampleRef) -> np.ndarray:
         try:
             with Image.open(io.BytesIO(self.read(ref, FIELD_EXT["image"]))) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:  # checked before decoding anything
+                    raise ShardError(f"{ref.shard} [{ref.key}]: image.png is {im.width}x{im.height} pixels, "
+                                     f"more than the {MAX_IMAGE_PIXELS} a stimulus may have")
                 return np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
-        except (OSError, SyntaxError) as e:
+        except ShardError:
+            raise
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise ShardError(f"{ref.shard} [{ref.key}]: image.png undecodable ({e})") from e
 
     def close(self) -> None:
