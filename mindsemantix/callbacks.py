@@ -60,24 +60,46 @@ def load_checkpoint_safely(path, map_location: Any | None = "cpu") -> dict[str, 
     return checkpoint
 
 
+def checkpoint_progress(path: str | os.PathLike) -> tuple[int, int]:
+    """(global_step, epoch) recorded in a Lightning checkpoint, read without loading its tensors
+    (memory-mapped); raises for a file that is not a readable checkpoint."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"checkpoint {path} holds no Lightning state_dict")
+    return int(checkpoint.get("global_step", -1)), int(checkpoint.get("epoch", -1))
+
+
 def resolve_last_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
-    """The newest readable checkpoint in `checkpoint_dir` (`last*.ckpt` first, then any `*.ckpt`),
-    skipping — with a warning — files that are truncated or corrupt. None if there is none."""
+    """The readable checkpoint in `checkpoint_dir` that is furthest into training, by the step (then
+    epoch) recorded in it — not by file time, which `cp -r` or a restore rewrites; at equal steps
+    `last*.ckpt` wins. Truncated or corrupt files are skipped with a warning. None when the folder has
+    no checkpoint; a CheckpointError naming every file and its fault when none of them is readable
+    (a resume must never silently start over)."""
     folder = Path(checkpoint_dir)
-    if not folder.is_dir():
+    files = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+    if not files:
         return None
-    by_time = lambda p: p.stat().st_mtime  # noqa: E731
-    lasts = sorted(folder.glob("last*.ckpt"), key=by_time, reverse=True)
-    others = sorted((p for p in folder.glob("*.ckpt") if p not in lasts), key=by_time, reverse=True)
-    for candidate in lasts + others:
+    faults: list[str] = []
+    ranked = []
+    for path in files:
+        try:
+            step, epoch = checkpoint_progress(path)
+        except Exception as e:  # zipfile/pickle/EOF errors differ by how the file was damaged
+            faults.append(f"{path.name}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+            continue
+        ranked.append(((step, epoch, path.name.startswith("last"), path.stat().st_mtime), path))
+    for _, candidate in sorted(ranked, key=lambda r: r[0], reverse=True):
         try:
             load_checkpoint_safely(candidate)
         except CheckpointError as e:
-            log.warning("skipping a bad checkpoint while resolving 'last': %s", e)
-            print(f"warning: {e}; falling back to an older checkpoint")
+            faults.append(f"{candidate.name}: {e}")
             continue
+        for fault in faults:
+            log.warning("skipping a bad checkpoint while resolving 'last': %s", fault)
+            print(f"warning: skipping unreadable checkpoint {fault}; falling back to an older checkpoint")
         return candidate
-    return None
+    raise CheckpointError(f"--ckpt_path last: no readable checkpoint in {folder} ({'; '.join(faults)}); "
+                          "to start over, move that folder away and run without --ckpt_path")
 
 
 class Preemption(L.Callback):

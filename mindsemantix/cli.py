@@ -107,8 +107,9 @@ def lightning_cli(args: list[str] | None = None):
             """Resuming (`--ckpt_path`) restores the run from its checkpoint but keeps the model
             configuration you give: Lightning's default would overwrite it silently with the
             checkpoint's hyper-parameters (a pitfall DESIGN.md names). Differences are printed.
-            `last` is the newest *readable* checkpoint of this run; corrupt ones are skipped with a
-            warning. A bad explicit path fails here with a message naming the file."""
+            `last` is the readable checkpoint of this run furthest into training (by the step recorded
+            in it); corrupt ones are skipped with a warning, and if every one is corrupt the run stops
+            with their names (starting over is explicit). A bad explicit path fails here likewise."""
             from mindsemantix.callbacks import load_checkpoint_safely, resolve_last_checkpoint
 
             if not self.config.get("subcommand"):
