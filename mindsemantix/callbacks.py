@@ -60,24 +60,46 @@ def load_checkpoint_safely(path, map_location: Any | None = "cpu") -> dict[str, 
     return checkpoint
 
 
+def checkpoint_progress(path: str | os.PathLike) -> tuple[int, int]:
+    """(global_step, epoch) recorded in a Lightning checkpoint, read without loading its tensors
+    (memory-mapped); raises for a file that is not a readable checkpoint."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"checkpoint {path} holds no Lightning state_dict")
+    return int(checkpoint.get("global_step", -1)), int(checkpoint.get("epoch", -1))
+
+
 def resolve_last_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
-    """The newest readable checkpoint in `checkpoint_dir` (`last*.ckpt` first, then any `*.ckpt`),
-    skipping — with a warning — files that are truncated or corrupt. None if there is none."""
+    """The readable checkpoint in `checkpoint_dir` that is furthest into training, by the step (then
+    epoch) recorded in it — not by file time, which `cp -r` or a restore rewrites; at equal steps
+    `last*.ckpt` wins. Truncated or corrupt files are skipped with a warning. None when the folder has
+    no checkpoint; a CheckpointError naming every file and its fault when none of them is readable
+    (a resume must never silently start over)."""
     folder = Path(checkpoint_dir)
-    if not folder.is_dir():
+    files = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+    if not files:
         return None
-    by_time = lambda p: p.stat().st_mtime  # noqa: E731
-    lasts = sorted(folder.glob("last*.ckpt"), key=by_time, reverse=True)
-    others = sorted((p for p in folder.glob("*.ckpt") if p not in lasts), key=by_time, reverse=True)
-    for candidate in lasts + others:
+    faults: list[str] = []
+    ranked = []
+    for path in files:
+        try:
+            step, epoch = checkpoint_progress(path)
+        except Exception as e:  # zipfile/pickle/EOF errors differ by how the file was damaged
+            faults.append(f"{path.name}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+            continue
+        ranked.append(((step, epoch, path.name.startswith("last"), path.stat().st_mtime), path))
+    for _, candidate in sorted(ranked, key=lambda r: r[0], reverse=True):
         try:
             load_checkpoint_safely(candidate)
         except CheckpointError as e:
-            log.warning("skipping a bad checkpoint while resolving 'last': %s", e)
-            print(f"warning: {e}; falling back to an older checkpoint")
+            faults.append(f"{candidate.name}: {e}")
             continue
+        for fault in faults:
+            log.warning("skipping a bad checkpoint while resolving 'last': %s", fault)
+            print(f"warning: skipping unreadable checkpoint {fault}; falling back to an older checkpoint")
         return candidate
-    return None
+    raise CheckpointError(f"--ckpt_path last: no readable checkpoint in {folder} ({'; '.join(faults)}); "
+                          "to start over, move that folder away and run without --ckpt_path")
 
 
 class Preemption(L.Callback):
@@ -136,6 +158,32 @@ class Preemption(L.Callback):
                 job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else job
                 result = subprocess.run(["scontrol", "requeue", job], check=False)
                 print(f"preemption: scontrol requeue {job} -> exit {result.returncode}")
+
+
+class DataSkipReport(L.Callback):
+    """Logs what the datamodule's `on_error: skip` dropped as metrics (`data/skipped_shards`,
+    `data/skipped_samples`) after every training and validation epoch, so a run that lost part of
+    its data shows it in its curves, not only in one warning line (the datamodule also prints a
+    summary at the end of fit/validate/test/predict)."""
+
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        counts_of = getattr(trainer.datamodule, "skip_counts", None)
+        if counts_of is None:
+            return
+        from mindsemantix.data.shards import SHARD_SKIPS
+
+        counts = counts_of()
+        shards = sum(n for r, n in counts.items() if r in SHARD_SKIPS)
+        pl_module.log("data/skipped_shards", float(shards), rank_zero_only=True)
+        # index-time skips are the same on every rank; decode-time ones differ: take the largest
+        pl_module.log("data/skipped_samples", float(sum(counts.values()) - shards), sync_dist=True, reduce_fx="max")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._log(trainer, pl_module)
 
 
 class RunCSVLogger(CSVLogger):

@@ -111,8 +111,9 @@ def lightning_cli(args: list[str] | None = None):
             """Resuming (`--ckpt_path`) restores the run from its checkpoint but keeps the model
             configuration you give: Lightning's default would overwrite it silently with the
             checkpoint's hyper-parameters (a pitfall DESIGN.md names). Differences are printed.
-            `last` is the newest *readable* checkpoint of this run; corrupt ones are skipped with a
-            warning. A bad explicit path fails here with a message naming the file."""
+            `last` is the readable checkpoint of this run furthest into training (by the step recorded
+            in it); corrupt ones are skipped with a warning, and if every one is corrupt the run stops
+            with their names (starting over is explicit). A bad explicit path fails here likewise."""
             from mindsemantix.callbacks import load_checkpoint_safely, resolve_last_checkpoint
 
             if not self.config.get("subcommand"):
@@ -132,6 +133,20 @@ def lightning_cli(args: list[str] | None = None):
             for k, (old, new) in changed.items():
                 print(f"note: resuming with model.init_args.{k}={new!r}; the checkpoint was trained with {old!r}")
 
+        def instantiate_trainer(self, **kwargs):
+            """Atomic checkpoint files unless the config names its own CheckpointIO. Added here, not as a
+            trainer default: an instance in the defaults cannot be written to config.yaml, and the saved
+            config must parse again (`fit --config <run>/config.yaml`)."""
+            from lightning.fabric.plugins import CheckpointIO
+
+            from mindsemantix.callbacks import AtomicCheckpointIO
+
+            given = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+            given = list(given) if isinstance(given, (list, tuple)) else [given]
+            if not any(isinstance(p, CheckpointIO) for p in given):
+                kwargs["plugins"] = [*given, AtomicCheckpointIO()]
+            return super().instantiate_trainer(**kwargs)
+
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             if cfg.trainer.precision is None:
@@ -146,11 +161,11 @@ def lightning_cli(args: list[str] | None = None):
                                       "init_args": {"save_dir": str(save_dir), "name": "", "version": "",
                                                     "resume": self.subcommand == "fit" and bool(cfg.get("ckpt_path"))}}
 
-    from mindsemantix.callbacks import AtomicCheckpointIO, Preemption
+    from mindsemantix.callbacks import DataSkipReport, Preemption
 
     return MindSemantixCLI(
         L.LightningModule, BrainDataModule, subclass_mode_model=True,
-        trainer_defaults={"callbacks": [Preemption()], "plugins": [AtomicCheckpointIO()]},
+        trainer_defaults={"callbacks": [Preemption(), DataSkipReport()]},
         seed_everything_default=0, save_config_kwargs={"overwrite": True}, args=args,
         parser_kwargs={"prog": "mindsemantix"},
     )

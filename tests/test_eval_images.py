@@ -205,16 +205,17 @@ def test_cli_on_folders(tmp_path, capsys):
         im = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
         Image.fromarray(im).save(tmp_path / "seen" / f"subj01-{k:06d}.png")
         Image.fromarray(im).save(tmp_path / "pred" / f"subj01-{k:06d}.png")
-    Image.fromarray(im).save(tmp_path / "seen" / "subj01-000099.png")  # a target without prediction is fine
+    Image.fromarray(im).save(tmp_path / "seen" / "subj01-000099.png")  # a target without prediction: --allow-missing
     out = tmp_path / "M.json"
-    assert I.main(["--predictions", str(tmp_path / "pred"), "--targets", str(tmp_path / "seen"), "--out", str(out)]) == 0
+    assert I.main(["--predictions", str(tmp_path / "pred"), "--targets", str(tmp_path / "seen"), "--out", str(out),
+                   "--allow-missing"]) == 0
     written = json.loads(out.read_text())
     assert written["metrics"]["PixCorr"] == pytest.approx(1.0) and written["metrics"]["TwoWay-EfficientNetLite0"] == 1.0
     assert written["info"]["keys_without_prediction"] == 1
 
     (tmp_path / "seen" / "subj01-000002.png").unlink()
     assert I.main(["--predictions", str(tmp_path / "pred"), "--targets", str(tmp_path / "seen"),
-                   "--out", str(tmp_path / "x.json")]) == 2
+                   "--out", str(tmp_path / "x.json"), "--allow-missing"]) == 2
     assert "no image for 1 key(s): 'subj01-000002'" in capsys.readouterr().err
     (tmp_path / "pred" / "subj01-000003.png").write_bytes(b"not a png")
     with pytest.raises(I.ImageInputError, match=r"subj01-000003\.png: not a readable image"):

@@ -100,3 +100,38 @@ def test_checkpoints_load_to_the_cpu_unless_lightning_asks_otherwise(tmp_path, m
     io.load_checkpoint(tmp_path / "x.ckpt")
     io.load_checkpoint(tmp_path / "x.ckpt", map_location="meta")
     assert seen == ["cpu", "meta"]
+
+
+class NaNFrom(BrainMAE):
+    """BrainMAE whose loss is NaN on the steps `nan_when(global_step, batch_idx)` says."""
+
+    def __init__(self, every: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.every = every
+
+    def training_step(self, batch, batch_idx):
+        out = self.encoder.forward_mae(batch["fmri"], batch["subject"])
+        loss = out.loss * float("nan") if batch_idx % self.every == 0 else out.loss
+        return self.guard_loss(loss, batch)
+
+
+def test_a_run_whose_loss_is_always_nonfinite_fails_instead_of_exporting(tiny_dataset, tmp_path):
+    model = NaNFrom(every=1, preset="tiny", warmup_steps=1, max_consecutive_nonfinite=3)
+    with pytest.raises(FloatingPointError, match="non-finite loss on 3 consecutive batches"):
+        make_trainer(tmp_path, max_steps=20).fit(model, datamodule=BrainDataModule(str(tiny_dataset), batch_size=4))
+    assert not (tmp_path / "export").exists()  # no untrained weights presented as a result
+
+
+def test_too_large_a_share_of_skipped_batches_fails(tiny_dataset, tmp_path):
+    # every second batch NaN: never 2 in a row, but half of the window
+    model = NaNFrom(every=2, preset="tiny", warmup_steps=1, max_consecutive_nonfinite=5,
+                    max_nonfinite_share=0.4, nonfinite_window=6)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss on 1 consecutive batches and 3 of the last"):
+        make_trainer(tmp_path, max_steps=20).fit(model, datamodule=BrainDataModule(str(tiny_dataset), batch_size=4))
+
+
+def test_export_records_how_many_steps_were_skipped(tiny_dataset, tmp_path):
+    model = NaNAtStep(nan_step=2, preset="tiny", warmup_steps=1)
+    make_trainer(tmp_path).fit(model, datamodule=BrainDataModule(str(tiny_dataset), batch_size=4))
+    config, _ = load_export(tmp_path / "export", "brain_encoder")
+    assert config["training"]["skipped_nonfinite_steps"] == 1

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from mindsemantix.data.shards import FIELD_EXT, SampleReader, SampleRef, ShardDataset, ShardError
+from mindsemantix.data.shards import FIELD_EXT, SHARD_SKIPS, SampleReader, SampleRef, ShardDataset, ShardError
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ class SampleSet(Dataset):
     def __len__(self) -> int:
         return len(self.refs)
 
-    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any] | None:
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        """The sample's fields, or `{"skipped": key}` for a bad sample under on_error "skip"."""
         index, epoch = item
         ref = self.refs[index]
         try:
@@ -156,7 +157,7 @@ class SampleSet(Dataset):
             if target is not None:
                 sample["fmri_target"] = target
             if "captions" in self.fields:
-                sample["captions"] = self.reader.json(ref, "captions")
+                sample["captions"] = self.reader.captions(ref)
             if "image" in self.fields:
                 image = self.reader.image(ref)
                 if self.image_size and image.shape[:2] != (self.image_size, self.image_size):
@@ -167,19 +168,21 @@ class SampleSet(Dataset):
             if self.on_error == "raise":
                 raise
             log.warning("skipping sample: %s", e)
-            return None
+            return {"skipped": ref.key}
 
 
-def collate(samples: list[dict[str, Any] | None]) -> dict[str, Any]:
-    good = [s for s in samples if s is not None]
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    good = [s for s in samples if "skipped" not in s]
+    skipped = [s["skipped"] for s in samples if "skipped" in s]
     if not good:
-        raise ShardError(f"every sample of a batch was bad ({len(samples)} skipped); see the warnings above")
+        raise ShardError(f"every sample of a batch was bad ({', '.join(skipped[:4])}...); see the warnings above")
     batch: dict[str, Any] = {
         "subject": good[0]["subject"],
         "key": [s["key"] for s in good],
         "image_id": torch.tensor([s["image_id"] for s in good], dtype=torch.long),
         "fmri": torch.from_numpy(np.stack([s["fmri"] for s in good])),  # (B, V)
-        "n_skipped": len(samples) - len(good),
+        "n_skipped": len(skipped),
+        "skipped_keys": skipped,
     }
     if "fmri_target" in good[0]:
         batch["fmri_target"] = torch.from_numpy(np.stack([s["fmri_target"] for s in good]))  # (B, V)
@@ -218,6 +221,8 @@ class ShardLoader:
                             persistent_workers=False, pin_memory=torch.cuda.is_available())
         for batch in loader:
             self.n_skipped += batch["n_skipped"]
+            if batch["skipped_keys"] and self.datamodule is not None:
+                self.datamodule.undecodable.update(batch["skipped_keys"])
             self._yielded += 1
             yield batch
 
@@ -292,10 +297,11 @@ class BrainDataModule(L.LightningDataModule):
         self.verify, self.on_error, self.predict_split = verify, on_error, predict_split
         self._datasets: list[ShardDataset] | None = None
         self._subject_info: dict[str, SubjectInfo] = {}
+        self.undecodable: set[str] = set()  # keys skipped while decoding (on_error "skip"), this rank
 
     # -- loading
     def prepare_data(self) -> None:
-        if self.verify == "sha256":  # once per node, not once per rank
+        if self.verify == "sha256":  # hash once per node (not per rank); verdicts land in the VerifyCache
             for root in self.roots:
                 ds = ShardDataset(root, verify="sha256", on_error=self.on_error)
                 for split in ds.splits:
@@ -304,8 +310,9 @@ class BrainDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._datasets is not None:
             return
-        verify = "none" if self.verify == "none" else "size"
-        self._datasets = [ShardDataset(r, verify=verify, on_error=self.on_error) for r in self.roots]
+        # With "sha256", every rank reads prepare_data's verdicts from the VerifyCache (hashing only
+        # what it lacks), so a shard that failed its checksum is skipped here too, not served.
+        self._datasets = [ShardDataset(r, verify=self.verify, on_error=self.on_error) for r in self.roots]
         seen: dict[str, str] = {}
         for ds in self._datasets:
             for s in ds.subjects:
@@ -354,7 +361,35 @@ class BrainDataModule(L.LightningDataModule):
         return refs
 
     def n_skipped(self) -> int:
-        return sum(sum(ds.skipped.values()) for ds in (self._datasets or []))
+        return sum(self.skip_counts().values())
+
+    def skip_counts(self) -> dict[str, int]:
+        """What on_error "skip" dropped so far: {reason: count}. Shard reasons count shards, the
+        others samples; "undecodable" is this rank's samples that failed to decode."""
+        counts: dict[str, int] = {}
+        for ds in self._datasets or []:
+            for reason, n in ds.skipped.items():
+                counts[reason] = counts.get(reason, 0) + n
+        if self.undecodable:
+            counts["undecodable"] = len(self.undecodable)
+        return counts
+
+    def skip_summary(self) -> str | None:
+        """One line for the end of fit/validate/test/predict, or None when nothing was skipped."""
+        counts = self.skip_counts()
+        if not counts:
+            return None
+        shards = sum(n for r, n in counts.items() if r in SHARD_SKIPS)
+        samples = sum(n for r, n in counts.items() if r not in SHARD_SKIPS)
+        listed = sum(ds.manifest["splits"][s]["n_samples"] for ds in self._datasets or [] for s in ds.splits)
+        detail = ", ".join(f"{r} {n}" for r, n in sorted(counts.items()))
+        return (f"data: on_error=skip dropped {shards} shard(s) and {samples} sample(s) of the {listed} the "
+                f"manifests list ({detail}); see the warnings above")
+
+    def teardown(self, stage: str) -> None:
+        summary = self.skip_summary()
+        if summary and (self.trainer is None or self.trainer.is_global_zero):
+            print(summary)
 
     def _loader(self, split: str, train: bool) -> ShardLoader:
         refs = self.split_refs(split)

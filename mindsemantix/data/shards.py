@@ -37,9 +37,12 @@ log = logging.getLogger(__name__)
 
 FORMAT = "mindsemantix-shards/1"
 SPLITS = ("train", "val", "test")
-KEY_RE = re.compile(r"^[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*-\d{6}$")  # <subject>-<6 digits>, no dots
+SUBJECT_RE = re.compile(r"[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*")  # letters, digits, '_', inner '-'; no dots or slashes
+KEY_RE = re.compile(SUBJECT_RE.pattern + r"-\d{6}")  # <subject>-<6 digits>; always used with fullmatch
 FIELD_EXT = {"fmri": "fmri.npy", "meta": "meta.json", "captions": "captions.json", "image": "image.png"}
 REQUIRED_META = ("subject", "image_id", "trials", "split")
+MAX_IMAGE_PIXELS = 4096 * 4096  # larger "stimuli" are refused before decoding (decompression bombs)
+SHARD_SKIPS = ("missing_shard", "bad_shard")  # skip reasons that count shards; the others count samples
 
 
 class ShardError(ValueError):
@@ -107,7 +110,7 @@ class ShardWriter:
     def add_subject(self, subject: str, mask: nib.spatialimages.SpatialImage | str | os.PathLike,
                     roi_value: int = 1, **info: Any) -> int:
         """Register a subject with its ROI (`mask == roi_value`); returns its voxel count."""
-        if not re.fullmatch(r"[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*", subject):
+        if not SUBJECT_RE.fullmatch(subject):
             raise ShardError(f"subject name {subject!r} must be letters, digits, '_' or '-' (no dots)")
         if subject in self._subjects:
             raise ShardError(f"subject {subject!r} added twice")
@@ -132,7 +135,7 @@ class ShardWriter:
             raise RuntimeError("ShardWriter is closed")
         if split not in SPLITS:
             raise ShardError(f"{key}: split must be one of {SPLITS}, got {split!r}")
-        if not KEY_RE.match(key):
+        if not KEY_RE.fullmatch(key):
             raise ShardError(f"key {key!r} must be '<subject>-<6 digits>' with no dots")
         if key in self._keys:
             raise ShardError(f"key {key!r} written twice")
@@ -255,6 +258,25 @@ class SubjectEntry:
         return nib.affines.apply_affine(img.affine, ijk).astype(np.float32)
 
 
+def checked_key(key: str) -> str:
+    """`key` if it has the writer's form ('<subject>-<6 digits>', nothing that makes a path), else ShardError.
+    Output file names built from keys (`<key>.png`) use only keys that passed this."""
+    if not isinstance(key, str) or not KEY_RE.fullmatch(key):
+        raise ShardError(f"key {key!r} is not '<subject>-<6 digits>' (letters, digits, '_', '-'; no dots or slashes)")
+    return key
+
+
+def confined(root: Path, rel: Any, what: str) -> Path:
+    """root / rel, refusing anything that leaves the dataset folder (absolute paths, '..', symlinks out)."""
+    where = root / "manifest.json"
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
+        raise ShardError(f"{where}: {what} path {rel!r} must be relative to the dataset folder")
+    path = root / rel
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ShardError(f"{where}: {what} path {rel!r} leaves the dataset folder {root}")
+    return path
+
+
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     root = Path(root)
     path = root / "manifest.json"
@@ -272,14 +294,75 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     for k in ("dataset", "subjects", "splits"):
         if k not in manifest:
             raise ShardError(f"{path}: no {k!r} entry")
+    for subject in manifest["subjects"]:
+        if not SUBJECT_RE.fullmatch(subject):
+            raise ShardError(f"{path}: subject name {subject!r} must be letters, digits, '_' or '-' (no dots or slashes)")
+    for split in manifest["splits"]:
+        if split not in SPLITS:
+            raise ShardError(f"{path}: split {split!r} is not one of {SPLITS}")
     return manifest
+
+
+VERIFY_CACHE = ".mindsemantix-verified.json"
+
+
+class VerifyCache:
+    """Remembers which shards' sha256 matched the manifest, so a restarted run does not re-hash
+    terabytes. A verdict holds while the manifest (by its sha256) and the shard's size and mtime are
+    unchanged; anything else is hashed again. Kept in the dataset folder (`.mindsemantix-verified.json`),
+    or, where that is read-only, under `$XDG_CACHE_HOME/mindsemantix/verified/` (or ~/.cache)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.manifest_sha256 = sha256_file(root / "manifest.json")
+        self.path = self._location()
+        self.entries: dict[str, dict[str, Any]] = {}
+        self._dirty = False
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            saved = json.loads(self.path.read_text())
+            if saved.get("manifest_sha256") == self.manifest_sha256:
+                self.entries = dict(saved["shards"])
+
+    def _location(self) -> Path:
+        if os.access(self.root, os.W_OK):
+            return self.root / VERIFY_CACHE
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        name = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:20]
+        return base / "mindsemantix" / "verified" / f"{name}.json"
+
+    @staticmethod
+    def _stamp(path: Path, expected: str) -> dict[str, Any]:
+        st = path.stat()
+        return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": expected}
+
+    def verdict(self, rel: str, path: Path, expected: str) -> bool | None:
+        entry = self.entries.get(rel)
+        if entry and {k: entry.get(k) for k in ("bytes", "mtime_ns", "sha256")} == self._stamp(path, expected):
+            return bool(entry["ok"])
+        return None
+
+    def record(self, rel: str, path: Path, expected: str, ok: bool) -> None:
+        self.entries[rel] = {**self._stamp(path, expected), "ok": ok}
+        self._dirty = True
+
+    def save(self) -> None:
+        if not self._dirty:
+            return
+        from mindsemantix.io import write_json_atomic
+
+        try:
+            write_json_atomic(self.path, {"manifest_sha256": self.manifest_sha256, "shards": self.entries})
+            self._dirty = False
+        except OSError as e:  # a cache: failing to keep it costs time, not correctness
+            log.warning("could not save the checksum cache %s (%s); shards will be hashed again next time", self.path, e)
 
 
 class ShardDataset:
     """One Contract-1 dataset: manifest, subjects, and an index of every sample's tar members.
 
     `on_error="raise"` (default) turns any bad shard or sample into a ShardError naming the file and
-    key; `"skip"` drops it, counts it in `self.skipped` and logs a warning.
+    key; `"skip"` drops it, counts it in `self.skipped` and logs a warning. `verify="sha256"` checks
+    each shard's checksum once per dataset version (see VerifyCache); "size" checks sizes only.
     """
 
     def __init__(self, root: str | os.PathLike, *, verify: str = "sha256", on_error: str = "raise"):
@@ -292,13 +375,14 @@ class ShardDataset:
         self.name = self.manifest["dataset"]
         self.skipped: dict[str, int] = {}
         self.subjects = {
-            s: SubjectEntry(s, int(info["n_voxels"]), self.root / info["mask"], self.name, info)
+            s: SubjectEntry(s, int(info["n_voxels"]), confined(self.root, info.get("mask"), f"mask of {s}"), self.name, info)
             for s, info in self.manifest["subjects"].items()
         }
         for entry in self.subjects.values():
             if not entry.mask_path.is_file():
                 raise ShardError(f"{entry.mask_path}: mask of subject {entry.name} is missing")
         self._index: dict[str, list[SampleRef]] = {}
+        self._verify_cache = VerifyCache(self.root) if verify == "sha256" else None
 
     @property
     def splits(self) -> list[str]:
@@ -317,10 +401,12 @@ class ShardDataset:
             for shard in self.manifest["splits"].get(split, {}).get("shards", []):
                 refs.extend(self._index_shard(shard))
             self._index[split] = refs
+            if self._verify_cache is not None:
+                self._verify_cache.save()
         return self._index[split]
 
     def _index_shard(self, shard: dict[str, Any]) -> list[SampleRef]:
-        path = self.root / shard["file"]
+        path = confined(self.root, shard.get("file"), "shard")
         if not path.is_file():
             self._skip("missing_shard", f"{path}: shard listed in the manifest is missing")
             return []
@@ -328,7 +414,7 @@ class ShardDataset:
         if self.verify in ("sha256", "size") and "bytes" in shard and size != shard["bytes"]:
             self._skip("bad_shard", f"{path}: {size} bytes, manifest says {shard['bytes']} (truncated or replaced)")
             return []
-        if self.verify == "sha256" and sha256_file(path) != shard["sha256"]:
+        if self.verify == "sha256" and not self._checksum_ok(shard["file"], path, shard["sha256"]):
             self._skip("bad_shard", f"{path}: sha256 does not match the manifest (corrupt or modified)")
             return []
         grouped: dict[str, dict[str, tuple[int, int]]] = {}
@@ -355,7 +441,19 @@ class ShardDataset:
                     refs.append(ref)
         return refs
 
+    def _checksum_ok(self, rel: str, path: Path, expected: str) -> bool:
+        assert self._verify_cache is not None
+        ok = self._verify_cache.verdict(rel, path, expected)
+        if ok is None:
+            ok = sha256_file(path) == expected
+            self._verify_cache.record(rel, path, expected, ok)
+        return ok
+
     def _check_sample(self, f, path: Path, key: str, members: dict[str, tuple[int, int]]) -> SampleRef | None:
+        where = f"{path} [{key!r}]"
+        if not KEY_RE.fullmatch(key):
+            self._skip("bad_key", f"{where}: key is not '<subject>-<6 digits>' (letters, digits, '_', '-'; no dots or slashes)")
+            return None
         where = f"{path} [{key}]"
         for ext in (FIELD_EXT["fmri"], FIELD_EXT["meta"]):
             if ext not in members:
@@ -369,17 +467,24 @@ class ShardDataset:
         off, n = members[FIELD_EXT["fmri"]]
         f.seek(off)
         try:
-            header = io.BytesIO(f.read(min(n, 256)))
+            header = io.BytesIO(f.read(min(n, 4096)))
             version = np.lib.format.read_magic(header)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = read_header(header)
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, EOFError, SyntaxError) as e:
             self._skip("bad_fmri", f"{where}: fmri.npy is not a valid npy array ({e})")
             return None
         expected = self.subjects[subject].n_voxels
         if len(shape) != 2 or shape[1] != expected or dtype.kind != "f":
             self._skip("bad_fmri", f"{where}: fmri.npy has shape {shape} dtype {dtype}, expected (R, {expected}) float "
                                    f"for {subject} per the manifest")
+            return None
+        if shape[0] < 1:  # a mean over no repetitions is NaN
+            self._skip("bad_fmri", f"{where}: fmri.npy has 0 repetitions (shape {shape})")
+            return None
+        # the header must describe exactly the bytes that follow (an absurd row count would be a MemoryError later)
+        if header.tell() + shape[0] * shape[1] * dtype.itemsize != n:
+            self._skip("bad_fmri", f"{where}: fmri.npy header declares shape {shape} {dtype} but the member holds {n} bytes")
             return None
         return SampleRef(key=key, shard=str(path), members=members, subject=subject,
                          image_id=int(key.rsplit("-", 1)[1]))
@@ -414,8 +519,10 @@ class SampleReader:
         """(R, V) float32; raises ShardError on undecodable or non-finite data."""
         try:
             arr = np.load(io.BytesIO(self.read(ref, FIELD_EXT["fmri"])), allow_pickle=False)
-        except ValueError as e:
+        except (ValueError, OSError, EOFError, SyntaxError) as e:
             raise ShardError(f"{ref.shard} [{ref.key}]: fmri.npy undecodable ({e})") from e
+        if arr.ndim != 2 or arr.shape[0] < 1:
+            raise ShardError(f"{ref.shard} [{ref.key}]: fmri.npy has shape {arr.shape}, expected (R >= 1, V)")
         arr = arr.astype(np.float32)
         if not np.isfinite(arr).all():
             bad = int((~np.isfinite(arr)).sum())
@@ -423,16 +530,35 @@ class SampleReader:
         return arr
 
     def json(self, ref: SampleRef, field_name: str) -> Any:
+        if field_name == "captions":
+            return self.captions(ref)
+        return self._json(ref, field_name)
+
+    def _json(self, ref: SampleRef, field_name: str) -> Any:
         try:
             return json.loads(self.read(ref, FIELD_EXT[field_name]))
-        except json.JSONDecodeError as e:
-            raise ShardError(f"{ref.shard} [{ref.key}]: {FIELD_EXT[field_name]} is not valid JSON ({e})") from e
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8; absurdly deep nesting
+            reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise ShardError(f"{ref.shard} [{ref.key}]: {FIELD_EXT[field_name]} is not valid JSON ({reason})") from None
+
+    def captions(self, ref: SampleRef) -> list[str]:
+        """The sample's captions: a non-empty list of non-empty strings, or ShardError."""
+        captions = self._json(ref, "captions")
+        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+            raise ShardError(f"{ref.shard} [{ref.key}]: captions.json must be a non-empty list of non-empty strings, "
+                             f"got {str(captions)[:60]!r}")
+        return captions
 
     def image(self, ref: SampleRef) -> np.ndarray:
         try:
             with Image.open(io.BytesIO(self.read(ref, FIELD_EXT["image"]))) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:  # checked before decoding anything
+                    raise ShardError(f"{ref.shard} [{ref.key}]: image.png is {im.width}x{im.height} pixels, "
+                                     f"more than the {MAX_IMAGE_PIXELS} a stimulus may have")
                 return np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
-        except (OSError, SyntaxError) as e:
+        except ShardError:
+            raise
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise ShardError(f"{ref.shard} [{ref.key}]: image.png undecodable ({e})") from e
 
     def close(self) -> None:

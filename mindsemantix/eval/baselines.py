@@ -168,9 +168,11 @@ def write_image_folder(folder: str | os.PathLike, images: Mapping[str, np.ndarra
     """`<folder>/<key>.png` for each (H, W, 3) uint8 image, the folder replaced as a whole."""
     from PIL import Image
 
+    from mindsemantix.data.shards import checked_key
+
     with atomic_dir(folder) as tmp:
-        for key, image in images.items():
-            Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp / f"{key}.png")
+        for key, image in images.items():  # file names only from keys of the writer's form: never a path
+            Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp / f"{checked_key(key)}.png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -64,8 +64,12 @@ def _read_jsonl(path: str | os.PathLike) -> Iterable[tuple[int, dict[str, Any]]]
     path = Path(path)
     if not path.is_file():
         raise CaptionInputError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CaptionInputError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
             if not line.strip():
                 continue
             try:

@@ -337,7 +337,28 @@ def build_parser() -> argparse.ArgumentParser:
                        ("effnet-b1", "torchvision EfficientNet-B1 state dict"), ("swav", "SwAV ResNet-50 checkpoint"),
                        ("clip", "CLIP folder (transformers)")]:
         p.add_argument(f"--{name}", default=None, help=f"{what}, for TwoWay-<net>")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="score the targets that have a prediction even when others have none (the count is printed)")
     return p
+
+
+def image_keys(folder: str | os.PathLike) -> set[str]:
+    """Keys (file stems) of a folder's images, without decoding them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageInputError(f"{folder}: not a folder")
+    return {f.stem for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()}
+
+
+def check_coverage(pred_dir: str | os.PathLike, target_dir: str | os.PathLike, allow_missing: bool) -> int:
+    """How many targets have no prediction; an ImageInputError unless `allow_missing` (a metric over a
+    subset is not the metric over the set)."""
+    missing = sorted(image_keys(target_dir) - image_keys(pred_dir))
+    if missing and not allow_missing:
+        raise ImageInputError(f"{pred_dir}: no prediction for {len(missing)} of the targets in {target_dir} ("
+                              + ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+                              + "); pass --allow-missing to score only the predicted ones")
+    return len(missing)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -346,6 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     weights = {"alexnet": args.alexnet, "inception": args.inception, "effnet_b1": args.effnet_b1,
                "swav": args.swav, "clip": args.clip}
     try:
+        n_missing = check_coverage(args.predictions, args.targets, args.allow_missing)
+        if n_missing:
+            print(f"score-images: {n_missing} target(s) have no prediction; scoring the others (--allow-missing)")
         result = score_image_folders(args.predictions, args.targets, weights=weights)
     except (ImageInputError, RuntimeError, OSError) as e:
         print(f"score-images: error: {e}", file=sys.stderr)

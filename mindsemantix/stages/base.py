@@ -3,6 +3,8 @@ checkpoints, and a policy for non-finite losses. Losses and logging stay in each
 
 from __future__ import annotations
 
+import collections
+import json
 import math
 import os
 from pathlib import Path
@@ -11,6 +13,8 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
+
+from mindsemantix.io import write_json_atomic
 
 
 def fused_adamw_ok(params) -> bool | None:
@@ -29,6 +33,11 @@ class StageModule(L.LightningModule):
             default `<trainer.default_root_dir>/export`.
         nonfinite_loss: "skip" drops a batch whose loss is NaN/inf on any rank (all ranks skip it
             together, so DDP stays in step) and counts it; "stop" raises with the batch's keys.
+        max_consecutive_nonfinite: with "skip", stop the run (FloatingPointError) once this many
+            steps in a row were skipped: a diverged run must not export its weights as trained.
+        max_nonfinite_share, nonfinite_window: with "skip", also stop once more than this share of
+            the last `nonfinite_window` training batches was skipped. The export's config.json
+            records the count under `training.skipped_nonfinite_steps`.
     Subclasses set `frozen_prefixes` (state-dict key prefixes of frozen pretrained parts, e.g.
     ("llm.",)): those weights are never written into checkpoints and need not be in them to load.
     """
@@ -37,10 +46,17 @@ class StageModule(L.LightningModule):
 
     def __init__(self, lr: float = 1e-4, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 100, min_lr_ratio: float = 0.1, export_dir: str | None = None,
-                 nonfinite_loss: str = "skip"):
+                 nonfinite_loss: str = "skip", max_consecutive_nonfinite: int = 10,
+                 max_nonfinite_share: float = 0.1, nonfinite_window: int = 200):
         super().__init__()
         if nonfinite_loss not in ("skip", "stop"):
             raise ValueError(f"nonfinite_loss must be 'skip' or 'stop', got {nonfinite_loss!r}")
+        if max_consecutive_nonfinite < 1 or not 0 <= max_nonfinite_share < 1 or nonfinite_window < 1:
+            raise ValueError("max_consecutive_nonfinite and nonfinite_window must be >= 1, max_nonfinite_share in [0, 1)")
+        self.max_consecutive_nonfinite, self.max_nonfinite_share = max_consecutive_nonfinite, max_nonfinite_share
+        self.nonfinite_window = nonfinite_window
+        self._recent_skips: collections.deque[bool] = collections.deque(maxlen=nonfinite_window)
+        self._consecutive_skips = 0
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.export_dir, self.nonfinite_loss = export_dir, nonfinite_loss
@@ -61,7 +77,9 @@ class StageModule(L.LightningModule):
         bad = torch.tensor(0.0 if torch.isfinite(loss).all() else 1.0, device=loss.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(bad)  # every rank must take the same decision, or DDP hangs
+        self._recent_skips.append(bad.item() != 0)
         if bad.item() == 0:
+            self._consecutive_skips = 0
             return loss
         keys = batch.get("key", [])
         if self.nonfinite_loss == "stop":
@@ -69,8 +87,23 @@ class StageModule(L.LightningModule):
                                      f"of {batch.get('subject')} ({', '.join(keys[:4])}...); lower the learning "
                                      "rate, or set model.init_args.nonfinite_loss: skip")
         self.skipped_nonfinite += 1
+        self._consecutive_skips += 1
         self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), rank_zero_only=True)
+        share = sum(self._recent_skips) / self.nonfinite_window  # over a full window, not the steps so far
+        if self._consecutive_skips >= self.max_consecutive_nonfinite or share > self.max_nonfinite_share:
+            # every rank holds the same counts (the decision above is all-reduced): all stop together
+            raise FloatingPointError(
+                f"non-finite loss on {self._consecutive_skips} consecutive batches and {sum(self._recent_skips)} of the "
+                f"last {len(self._recent_skips)} (limits: model.init_args.max_consecutive_nonfinite="
+                f"{self.max_consecutive_nonfinite}, max_nonfinite_share={self.max_nonfinite_share} of "
+                f"nonfinite_window={self.nonfinite_window}) at global step {self.global_step}; the run diverged: "
+                "lower the learning rate or check the data")
         return None
+
+    def export_metadata(self) -> dict[str, Any]:
+        """What the export's config.json records about how it was trained (merged in by on_train_end)."""
+        return {"training": {"skipped_nonfinite_steps": int(self.skipped_nonfinite),
+                             "global_steps": int(self.global_step) if self._trainer is not None else 0}}
 
     # -- optimisation
     def lr_scales(self) -> dict[int, float]:
@@ -132,12 +165,23 @@ class StageModule(L.LightningModule):
         return bool(self.frozen_prefixes) and key.startswith(self.frozen_prefixes)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the skip count survives a resume, so the export's record covers the whole run
+        checkpoint["nonfinite_loss"] = {"skipped": int(self.skipped_nonfinite),
+                                        "recent": [bool(b) for b in self._recent_skips],
+                                        "consecutive": int(self._consecutive_skips)}
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if self._is_frozen_key(k)]:
             del state[key]
         bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise FloatingPointError(f"refusing to write a checkpoint with non-finite weights: {bad[:5]}")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("nonfinite_loss", {})
+        self.skipped_nonfinite = int(saved.get("skipped", 0))
+        self._recent_skips.clear()
+        self._recent_skips.extend(saved.get("recent", []))
+        self._consecutive_skips = int(saved.get("consecutive", 0))
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         # Frozen parts are rebuilt from their pretrained source, not from the checkpoint.
@@ -155,4 +199,14 @@ class StageModule(L.LightningModule):
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero and not self.preempted:
             folder = self.export(self.resolved_export_dir())
-            print(f"export: wrote {folder} (rank {self.global_rank})")
+            record_in_export(folder, self.export_metadata())
+            print(f"export: wrote {folder} (rank {self.global_rank})"
+                  + (f"; {self.skipped_nonfinite} steps skipped for a non-finite loss" if self.skipped_nonfinite else ""))
+
+
+def record_in_export(folder: str | Path, metadata: dict[str, Any]) -> None:
+    """Merge `metadata` into an export's config.json (atomic file replace: the export stays complete).
+    Stages that already put these keys in their config keep theirs."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    write_json_atomic(path, {**metadata, **config})
