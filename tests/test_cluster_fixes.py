@@ -33,3 +33,20 @@ def test_lora_on_a_bf16_llm_trains_fp32_adapters_that_small_steps_move():
         # Adam's first step moves every entry with a gradient by lr: in bf16 most would round away
         torch.testing.assert_close((p.detach() - before[n])[moved].abs(), torch.full_like(p[moved], lr),
                                    rtol=0.1, atol=0)  # fp32 spacing near 0.1: ~7e-9
+
+
+def test_float16_stable_diffusion_on_a_cpu_falls_back_to_float32_with_a_warning(tmp_path):
+    import pytest
+
+    from mindsemantix.models.diffusion import Reconstructor, SmallSDConfig, load_stable_diffusion, small_stable_diffusion
+
+    sd = SmallSDConfig(resolution=16, vae_channels=(8, 16), unet_channels=(16, 32), attention_head_dim=8,
+                       text_width=16, text_layers=1, text_heads=2, norm_groups=8)
+    small_stable_diffusion(sd, seed=0).save_pretrained(tmp_path / "sd")
+    with pytest.warns(UserWarning, match="float16 Stable Diffusion needs a GPU"):
+        pipe = load_stable_diffusion(str(tmp_path / "sd"), dtype=torch.float16)
+    assert pipe.vae.dtype == pipe.unet.dtype == torch.float32
+    # what stage 3 does on a CPU under bf16-mixed (fp16 weights failed in group_norm: mixed dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        latents = Reconstructor(pipe).encode_images(torch.full((2, 3, 16, 16), 128, dtype=torch.uint8))
+    assert latents.shape == (2, 4, 8, 8) and torch.isfinite(latents).all()
