@@ -50,3 +50,35 @@ def test_float16_stable_diffusion_on_a_cpu_falls_back_to_float32_with_a_warning(
     with torch.autocast("cpu", dtype=torch.bfloat16):
         latents = Reconstructor(pipe).encode_images(torch.full((2, 3, 16, 16), 128, dtype=torch.uint8))
     assert latents.shape == (2, 4, 8, 8) and torch.isfinite(latents).all()
+
+
+def run_sbatch_script(tmp_path, **slurm_env) -> list[str]:
+    """scripts/slurm/train.sbatch run as SLURM would run it, with a fake `srun` that records its arguments."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "train.sbatch"
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "activate").write_text("")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path}/srun_args\n')
+    (bin_dir / "srun").chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_NUM_NODES": "2", **slurm_env}
+    proc = subprocess.run(["bash", str(script), "stages/cluster/align.yaml", "--trainer.max_steps", "5"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    header = [line for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
+    assert not any("--cpus-per-task" in line or "--cpus-per-gpu" in line for line in header)  # no fixed CPU count
+    return (tmp_path / "srun_args").read_text().split()
+
+
+def test_slurm_script_gives_each_task_its_share_of_the_nodes_cpus(tmp_path):
+    args = run_sbatch_script(tmp_path / "a", SLURM_CPUS_ON_NODE="64", SLURM_NTASKS_PER_NODE="8")
+    assert args[:2] == ["--cpus-per-task", "8"]                        # 64-core node: 8 per task, not 10
+    assert args[args.index("--data.num_workers") + 1] == "6"
+    assert args[args.index("--trainer.num_nodes") + 1] == "2" and args[-2:] == ["--trainer.max_steps", "5"]
+    args = run_sbatch_script(tmp_path / "b", SLURM_CPUS_ON_NODE="128", SLURM_NTASKS_PER_NODE="8",
+                             SLURM_CPUS_PER_TASK="5")                  # sbatch --cpus-per-task 5
+    assert args[:2] == ["--cpus-per-task", "5"] and args[args.index("--data.num_workers") + 1] == "3"
