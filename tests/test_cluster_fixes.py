@@ -82,3 +82,82 @@ def test_slurm_script_gives_each_task_its_share_of_the_nodes_cpus(tmp_path):
     args = run_sbatch_script(tmp_path / "b", SLURM_CPUS_ON_NODE="128", SLURM_NTASKS_PER_NODE="8",
                              SLURM_CPUS_PER_TASK="5")                  # sbatch --cpus-per-task 5
     assert args[:2] == ["--cpus-per-task", "5"] and args[args.index("--data.num_workers") + 1] == "3"
+
+
+# -- checkpoints: frozen tensors out, one `last` ----------------------------------------------------
+
+def test_checkpoints_leave_out_every_parameter_nothing_trains_and_load_back(tmp_path):
+    """Phase 2 freezes the Q-Former's text side (embeddings, text FFN, ITC/ITM/ITG heads): with BERT-base
+    that was most of a 1.6 GB checkpoint. Those tensors come back from the init export on load."""
+    from conftest import make_tiny_dataset
+
+    from mindsemantix.data.datamodule import BrainDataModule
+    from mindsemantix.models.brain_encoder import BrainEncoder, BrainEncoderConfig
+    from mindsemantix.models.qformer import save_tiny_wordpiece_tokenizer
+    from mindsemantix.stages.align import BrainAlign
+
+    dm = BrainDataModule(str(make_tiny_dataset(tmp_path / "data")), batch_size=4)
+    dm.setup()
+    encoder = BrainEncoder(BrainEncoderConfig.preset("tiny"), with_decoder=False)
+    for subject, info in dm.subject_info().items():
+        encoder.add_subject(subject, info.coords_mm)
+    encoder.save_pretrained(tmp_path / "stage1")
+    tokenizer = save_tiny_wordpiece_tokenizer(tmp_path / "wordpiece", words=["image", "caption"])
+    qformer = dict(num_queries=4, num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, embed_dim=16,
+                   max_text_length=12, tokenizer=str(tokenizer))
+    BrainAlign(brain_encoder=str(tmp_path / "stage1"), qformer=qformer).save_export(tmp_path / "phase1")
+
+    def phase2():
+        torch.manual_seed(0)
+        return BrainAlign(init_from=str(tmp_path / "phase1"), phase="generative", llm="random:tiny")
+
+    model = phase2()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("qformer.text_embeddings.") for n in frozen)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)                                              # "trained"
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    state = checkpoint["state_dict"]
+    assert not frozen & set(state), sorted(frozen & set(state))[:3]
+    assert any(k.startswith("qformer.") for k in state)                # the trained query path stays
+    resumed = phase2()
+    resumed.load_state_dict(state)                                      # strict: only frozen keys absent
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, msg=name)
+
+
+def test_a_preempted_and_resumed_run_keeps_one_last_checkpoint(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import make_tiny_dataset
+
+    root = Path(__file__).resolve().parents[1]
+    data = make_tiny_dataset(tmp_path / "data")
+    (tmp_path / "tiny.yaml").write_text(
+        "trainer: {precision: 32-true, max_steps: 6, val_check_interval: 3, check_val_every_n_epoch: null,\n"
+        "  enable_progress_bar: false, callbacks: [{class_path: lightning.pytorch.callbacks.ModelCheckpoint,\n"
+        "  init_args: {save_last: true, every_n_train_steps: 3, save_top_k: 2, monitor: val/loss}}]}\n"
+        "model: {init_args: {preset: tiny, encoder: null, warmup_steps: 1}}\ndata: {batch_size: 8, num_workers: 0}\n")
+
+    def fit(*extra):
+        cmd = [sys.executable, "-m", "mindsemantix.cli", "fit", "--config", str(root / "stages/pretrain.yaml"),
+               "--config", str(tmp_path / "tiny.yaml"), f"--data.datasets=[{data}]",
+               f"--trainer.default_root_dir={tmp_path / 'run'}", *extra]
+        env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    # SIGTERM after step 1: the preemption writes last.ckpt before ModelCheckpoint ever saved one
+    assert "preemption: received SIGTERM at step 1" in fit("--trainer.callbacks+=probe_callbacks.KillAtStep",
+                                                           "--trainer.callbacks.step=1",
+                                                           "--trainer.callbacks.signal_name=SIGTERM")
+    fit("--ckpt_path=last")
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.ckpt"))
+    assert [n for n in names if n.startswith("last")] == ["last.ckpt"], names
