@@ -166,8 +166,9 @@ def test_stage2_phase2_under_two_process_ddp(standins, tmp_path):
     """align.yaml as written (DDP, no LoRA) on 2 CPU processes, then predict on 2 processes."""
     runs = Path(standins["runs/nsd"])
     phase1 = runs / "align_representation" / "export"
-    if not (phase1 / "config.json").is_file():  # run alone: phase 1 first
-        run_cli("fit", standin_config("align_representation.yaml", standins), tmp_path)
+    if not (phase1 / "config.json").is_file():  # run alone: stage 1 and phase 1 first
+        for name in ("pretrain.yaml", "align_representation.yaml"):
+            run_cli("fit", standin_config(name, standins), tmp_path)
     cfg = standin_config("align.yaml", standins)
     run = tmp_path / "align_ddp"
     cfg["trainer"].update(devices=2, strategy=yaml.safe_load((CLUSTER / "align.yaml").read_text())["trainer"]["strategy"],
