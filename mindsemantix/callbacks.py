@@ -145,6 +145,11 @@ class Preemption(L.Callback):
         signum = int(flag.item())
         path = Path(trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else
                     Path(trainer.default_root_dir) / "checkpoints") / "last.ckpt"
+        # Tell ModelCheckpoint that `last.ckpt` is its own (kept in the checkpoint's callback state), so
+        # the resumed run overwrites it instead of adding `last-v1.ckpt` beside it.
+        for callback in trainer.checkpoint_callbacks:
+            if getattr(callback, "save_last", False) and Path(callback.dirpath or "") == path.parent:
+                callback.last_model_path = str(path)
         trainer.save_checkpoint(path)  # collective: every rank takes part
         self.preempted = True
         pl_module.preempted = True

@@ -29,7 +29,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -275,18 +275,29 @@ def paired_table(evaluation: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def anchors_table(anchors: Sequence[Mapping[str, Any]]) -> str:
+def anchors_table(anchors: Sequence[Mapping[str, Any]], computed: Iterable[str]) -> str:
+    """The published rows, with only the metrics this report computed the same way (same name = same
+    definition and feature net, e.g. TwoWay-InceptionV3); a published number is never printed beside
+    a metric computed differently (TwoWay with another net, a distance where we score 2-way)."""
+    computed = set(computed)
     parts = []
     for task in ("captions", "images"):
         rows = [a for a in anchors if a["task"] == task]
         if not rows:
             continue
-        keys = list(dict.fromkeys(k for a in rows for k in a["metrics"]))
+        published = list(dict.fromkeys(k for a in rows for k in a["metrics"]))
+        keys = [k for k in published if k in computed]
+        left_out = [k for k in published if k not in computed]
+        note = (f"Published {task} metrics not computed the same way here, so not shown: {', '.join(left_out)}."
+                if left_out else "")
+        if not keys:
+            parts.append(f"NSD, {task}: no published number is shown. {note}")
+            continue
         parts.append(f"| NSD, {task} | " + " | ".join(keys) + " |\n|---|" + "---:|" * len(keys))
         parts[-1] += "".join(f"\n| {a['method']} | " + " | ".join(_fmt(a["metrics"].get(k)) for k in keys) + " |"
                              for a in rows)
         sources = dict.fromkeys(a["source"] for a in rows)
-        parts[-1] += "\n\n" + "\n".join(f"Source: {s}." for s in sources)
+        parts[-1] += "\n\n" + "\n".join(f"Source: {s}." for s in sources) + (f"\n{note}" if note else "")
     return "\n\n".join(parts)
 
 
@@ -333,7 +344,7 @@ def write_report(out_dir: str | os.PathLike, evaluation: Mapping[str, Any], *, r
     md += ["## How the numbers were made", "", *notes, "",
           "## Published numbers on NSD (context only)", "",
           "**Real NSD, not comparable to the simulated study**: different data, test set and, for CLIP-S, "
-          "CLIP variant.", "", anchors_table(evaluation.get("anchors_nsd", [])), "", "## Pictures", ""]
+          "CLIP variant.", "", anchors_table(evaluation.get("anchors_nsd", []), evaluation.get("metrics", {})), "", "## Pictures", ""]
     md += [f"![{name}]({name})" for name in pictures if pictures[name] is not None]
     md += ["", "## Versions", "", "```", *(f"{k}: {val}" for k, val in v.get("packages", {}).items()),
            f"java: {v.get('java')}", f"python: {v.get('python')}", "```", ""]

@@ -24,6 +24,7 @@ downsampling factor (8 for SD 1.5, 4 for the demo's model).
 from __future__ import annotations
 
 import hashlib
+import warnings
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,9 @@ def load_stable_diffusion(name_or_path: str, *, dtype: torch.dtype = torch.float
     """
     from diffusers import StableDiffusionPipeline
 
+    if dtype == torch.float16 and not torch.cuda.is_available():  # half precision is a GPU setting
+        warnings.warn(f"{name_or_path}: float16 Stable Diffusion needs a GPU (CPU kernels lack it); loading it in float32")
+        dtype = torch.float32
     local = Path(name_or_path).expanduser().is_dir()
     if local_files_only is None:
         local_files_only = local

@@ -90,6 +90,11 @@ class LLMBridge(nn.Module):
             inject_adapter_in_model(LoraConfig(**lora), llm)
             for name, p in llm.named_parameters():
                 p.requires_grad_("lora_" in name)
+                if "lora_" in name and p.is_floating_point():
+                    # peft creates adapters in the LLM's dtype. bf16 weights have no fp32 master copy:
+                    # AdamW's small steps (lr * ~1) round away against a bf16 entry. fp32 adapters keep
+                    # them; autocast (bf16-mixed) computes in bf16, and peft casts around them otherwise.
+                    p.data = p.data.float()
         self.llm = exclude_frozen_weights(llm)
         embed = llm.get_input_embeddings()
         self.proj = nn.Linear(query_width * self.query_group, embed.embedding_dim)

@@ -164,13 +164,19 @@ class StageModule(L.LightningModule):
     def _is_frozen_key(self, key: str) -> bool:
         return bool(self.frozen_prefixes) and key.startswith(self.frozen_prefixes)
 
+    def _frozen_parameters(self) -> set[str]:
+        """Parameters nothing trains in this run (e.g. the Q-Former's text side in phase 2): rebuilt at
+        construction from where they came from (hub id, path, init export), so kept out of checkpoints."""
+        return {n for n, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the skip count survives a resume, so the export's record covers the whole run
         checkpoint["nonfinite_loss"] = {"skipped": int(self.skipped_nonfinite),
                                         "recent": [bool(b) for b in self._recent_skips],
                                         "consecutive": int(self._consecutive_skips)}
         state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if self._is_frozen_key(k)]:
+        frozen = self._frozen_parameters()
+        for key in [k for k in state if self._is_frozen_key(k) or k in frozen]:
             del state[key]
         bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
@@ -185,7 +191,8 @@ class StageModule(L.LightningModule):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         # Frozen parts are rebuilt from their pretrained source, not from the checkpoint.
-        merged = {k: v for k, v in super().state_dict().items() if self._is_frozen_key(k)}
+        frozen = self._frozen_parameters()
+        merged = {k: v for k, v in super().state_dict().items() if self._is_frozen_key(k) or k in frozen}
         merged.update(state_dict)
         return super().load_state_dict(merged, strict=strict, assign=assign)
 
