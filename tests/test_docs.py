@@ -18,7 +18,6 @@ OUTSIDE_REFERENCE = re.compile("|".join([r"(DESIGN|MEASURED|OFFLINE)\.md", r"\.\
 # this test was written); whoever edits one next replaces its references with docs/formats.md or
 # docs/offline.md and removes it from this list (test_allow_list_is_current insists).
 NOT_YET_FIXED = {
-    "mindsemantix/stages/align.py", "mindsemantix/stages/reconstruct.py",
     "mindsemantix/cli.py", "mindsemantix/stages/base.py", "mindsemantix/models/brain_encoder.py",
     "mindsemantix/models/diffusion.py", "mindsemantix/data/shards.py", "mindsemantix/data/datamodule.py",
     "mindsemantix/eval/report.py", "mindsemantix/eval/feature_nets.py", "mindsemantix/eval/captions.py",

@@ -6,13 +6,13 @@
 
 The generative phase starts from the representation phase's export (`init_from`), as BLIP-2's
 second stage starts from its first: a soft prompt learnt from a raw brain representation converges
-far more slowly (../shared/MEASURED.md). Both phases are this one class; `phase` picks the default
+far more slowly (docs/stage2.md, "Why two phases, and a real LLM"). Both phases are this one class; `phase` picks the default
 loss weights and whether the LLM is loaded. Any weight can be set in `loss_weights` (e.g. keep ITC
 on in the generative phase).
 
 Frozen parts (the LLM, the vision encoder, the brain encoder unless `train_brain_encoder`) never
 enter `state_dict()`, so neither Lightning checkpoints nor exports hold them; they are reloaded from
-their source (hub id / path / stage-1 export). Export (Contract 3, kind "brain_align"):
+their source (hub id / path / stage-1 export). Export (docs/formats.md, kind "brain_align"):
 `save_export(folder)` writes the Q-Former, the LLM projection (+ LoRA), the brain encoder if it was
 fine-tuned (else a reference to the stage-1 export), and the names and settings needed to rebuild
 everything; `BrainAlign.from_export(folder)` rebuilds a ready model (stage 3 uses
@@ -331,7 +331,7 @@ class BrainAlign(StageModule):
         """No weight decay on biases, norms, query tokens, temperatures and embedding tables."""
         return param.ndim >= 2 and "query_tokens" not in name and "embeddings" not in name
 
-    # -- export (Contract 3) ------------------------------------------------------------------------
+    # -- export (docs/formats.md) --------------------------------------------------------------------
 
     def export(self, folder: str | Path) -> Path:  # StageModule writes it at the end of fit
         return self.save_export(folder)

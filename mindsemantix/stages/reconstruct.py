@@ -9,7 +9,7 @@ path, layout and colour), optionally a batch-contrastive term on that latent, an
 image-embedding target (pooled features of a frozen vision encoder; used at predict time to pick the
 best of `n_candidates` img2img samples, as MindEye picks its best of several). Stable Diffusion (the
 VAE, UNet, text encoder) and the stage-2 model are frozen and never enter a checkpoint or the export
-(Contract 3): they are reloaded from their sources, which the export names.
+(docs/formats.md): they are reloaded from their sources, which the export names.
 
 The models are `mindsemantix.models.latent_head` (`LatentHead`, `BrainRepresentation`); this module
 holds the losses. `predict` returns, per key, the captions used and the images of each variant; the
@@ -72,8 +72,7 @@ class BrainReconstruct(StageModule):
         predicted and true latents, flattened, cosine / `contrastive_temperature`; other samples of
         the same image are not negatives). MSE alone regresses to a blurred average that looks alike
         for many images; the contrastive term makes each predicted latent nearer its own image's than
-        the others' in the batch, as MindEye trains its retrieval and low-level heads (docs/stage3.md:
-        latent-only PixCorr 0.32 -> 0.40, 2-way 0.56 -> 0.59 on the demo). 0: MSE only.
+        the others' in the batch, as MindEye trains its retrieval and low-level heads (docs/stage3.md, "The contrastive latent head"). 0: MSE only.
     cache_brain: keep the frozen stage-2 model's output per distinct input (BrainRepresentation), so
         a head trained for many epochs does not rerun it every step. Costs host memory (distinct
         inputs x Q x H x 4 bytes); resumes then match the uninterrupted run to float round-off,
@@ -320,7 +319,7 @@ class BrainReconstruct(StageModule):
                 f"guidance {s.guidance_scale}" + (f"; full = {self.combine_candidates} of {self.n_candidates} samples"
                                                   if self.n_candidates > 1 else "")}
 
-    # -- export (Contract 3) ---------------------------------------------------------------------------
+    # -- export (docs/formats.md) -----------------------------------------------------------------------
 
     def export(self, folder: str | Path) -> Path:
         return self.head.save_pretrained(folder, extra={
