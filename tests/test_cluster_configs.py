@@ -95,15 +95,15 @@ def changed_keys(a, b, prefix="") -> set[str]:
     return set() if a == b else {prefix.rstrip(".")}
 
 
-def run_cli(subcommand: str, cfg: dict, tmp: Path, *extra: str, devices: int = 1) -> str:
-    """The real CLI in a subprocess (Lightning's DDP launcher re-runs it per rank). Returns stdout."""
+def run_cli(subcommand: str, cfg: dict, tmp: Path, *extra: str, devices: int = 1) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess (Lightning's DDP launcher re-runs it per rank)."""
     path = tmp / f"{Path(cfg['trainer']['default_root_dir']).name}-{subcommand}-{devices}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "mindsemantix.cli", subcommand, "--config", str(path), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
-    return proc.stdout + proc.stderr
+    return proc
 
 
 def check_checkpoints(run: Path, frozen_prefixes: tuple[str, ...]) -> dict[str, int]:
@@ -152,8 +152,7 @@ def test_cluster_configs_run_on_standins(standins, tmp_path):
 
     cfg = standin_config("reconstruct.yaml", standins)
     assert cfg["model"]["init_args"]["diffusion_dtype"] == "float16"  # a GPU setting: fp32 on this CPU, warned
-    out = run_cli("fit", cfg, tmp_path)
-    assert "float16 Stable Diffusion needs a GPU" in out
+    assert "float16 Stable Diffusion needs a GPU" in run_cli("fit", cfg, tmp_path).stderr
     run = runs / "reconstruct"
     check_checkpoints(run, ("brain_encoder.", "align.", "pipe.", "diffusion."))
     run_cli("predict", cfg, tmp_path, "--model.init_args.init_from", str(run / "export"))
@@ -173,11 +172,10 @@ def test_stage2_phase2_under_two_process_ddp(standins, tmp_path):
     run = tmp_path / "align_ddp"
     cfg["trainer"].update(devices=2, strategy=yaml.safe_load((CLUSTER / "align.yaml").read_text())["trainer"]["strategy"],
                           default_root_dir=str(run))
-    out = run_cli("fit", cfg, tmp_path, devices=2)
-    assert out.count("export: wrote") == 1
+    assert run_cli("fit", cfg, tmp_path, devices=2).stdout.count("export: wrote") == 1
     check_checkpoints(run, ("brain_encoder.", "vision_encoder."))
     out = run_cli("predict", cfg, tmp_path, "--model.init_args.init_from", str(run / "export"),
-                  "--trainer.callbacks+=mindsemantix.stages.align.CaptionWriter", devices=2)
+                  "--trainer.callbacks+=mindsemantix.stages.align.CaptionWriter", devices=2).stdout
     assert out.count("captions: wrote") == 1
     keys = [json.loads(line)["key"] for line in (run / "captions.jsonl").read_text().splitlines()]
     assert len(keys) == len(set(keys)) == 2 * 3                         # every test key exactly once
