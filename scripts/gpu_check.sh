@@ -21,17 +21,11 @@ from pathlib import Path
 sys.path[:0] = ["tests", "."]
 import yaml
 
-import cluster_standins
-from conftest import make_tiny_dataset
+from cluster_standins import make_cluster_inputs
 from test_cluster_configs import LORA, standin_config
 
 out = Path(sys.argv[1]).resolve()
-paths = cluster_standins.make_all(out / "hub")
-images = {"train": 10, "val": 3, "test": 3}
-paths["data/nsd/shards"] = str(make_tiny_dataset(out / "nsd", n_images=images, image_size=16))
-paths["data/hcp/shards"] = str(make_tiny_dataset(out / "hcp", subjects={"sub-01": 45}, n_images=images,
-                                                 captions=False, image_size=None, dataset="hcp"))
-paths["runs/nsd"] = str(out / "runs")
+paths = make_cluster_inputs(out)
 gpu = {"accelerator": "gpu", "devices": 1}
 rows = []
 

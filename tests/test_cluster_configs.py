@@ -43,17 +43,9 @@ def test_every_cluster_config_is_covered():
 
 @pytest.fixture(scope="module")
 def standins(tmp_path_factory):
-    import cluster_standins
-    from conftest import make_tiny_dataset
+    from cluster_standins import make_cluster_inputs
 
-    root = tmp_path_factory.mktemp("cluster")
-    paths = cluster_standins.make_all(root / "hub")
-    images = {"train": 10, "val": 3, "test": 3}
-    paths["data/nsd/shards"] = str(make_tiny_dataset(root / "nsd", n_images=images, image_size=16))
-    paths["data/hcp/shards"] = str(make_tiny_dataset(root / "hcp", subjects={"sub-01": 45}, n_images=images,
-                                                     captions=False, image_size=None, dataset="hcp"))
-    paths["runs/nsd"] = str(root / "runs")
-    return paths
+    return make_cluster_inputs(tmp_path_factory.mktemp("cluster"))
 
 
 def point_at_standins(value, paths: dict[str, str]):
