@@ -49,8 +49,7 @@ runs = out / "runs"
 step("pretrain-fit", "pretrain.yaml")
 step("align_representation-fit", "align_representation.yaml")
 step("align-lora-fit", "align.yaml", lora=LORA)
-step("align-predict", "align.yaml", "predict", "--model.init_args.init_from", str(runs / "align" / "export"),
-     "--trainer.callbacks+=mindsemantix.stages.align.CaptionWriter", lora=LORA)
+step("align-predict", "align.yaml", "predict", "--model.init_args.init_from", str(runs / "align" / "export"), lora=LORA)  # align.yaml lists CaptionWriter
 step("reconstruct-fit", "reconstruct.yaml")
 step("reconstruct-predict", "reconstruct.yaml", "predict", "--model.init_args.init_from",
      str(runs / "reconstruct" / "export"))

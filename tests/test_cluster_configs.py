@@ -137,8 +137,7 @@ def test_cluster_configs_run_on_standins(standins, tmp_path):
     llm_keys = [k for k in state if ".llm." in k or k.startswith("bridge.llm.")]
     assert llm_keys and all("lora_" in k for k in llm_keys)            # adapters only, never the LLM
     assert all(state[k].dtype == torch.float32 for k in llm_keys)      # fp32 adapters beside a bf16 LLM
-    run_cli("predict", cfg, tmp_path, "--model.init_args.init_from", str(run / "export"),
-            "--trainer.callbacks+=mindsemantix.stages.align.CaptionWriter")
+    run_cli("predict", cfg, tmp_path, "--model.init_args.init_from", str(run / "export"))  # align.yaml lists CaptionWriter
     captions = [json.loads(line) for line in (run / "captions.jsonl").read_text().splitlines()]
     assert len(captions) == 2 * 3 and all(isinstance(c["caption"], str) for c in captions)
 
@@ -166,8 +165,7 @@ def test_stage2_phase2_under_two_process_ddp(standins, tmp_path):
                           default_root_dir=str(run))
     assert run_cli("fit", cfg, tmp_path, devices=2).stdout.count("export: wrote") == 1
     check_checkpoints(run, ("brain_encoder.", "vision_encoder."))
-    out = run_cli("predict", cfg, tmp_path, "--model.init_args.init_from", str(run / "export"),
-                  "--trainer.callbacks+=mindsemantix.stages.align.CaptionWriter", devices=2).stdout
+    out = run_cli("predict", cfg, tmp_path, "--model.init_args.init_from", str(run / "export"), devices=2).stdout
     assert out.count("captions: wrote") == 1
     keys = [json.loads(line)["key"] for line in (run / "captions.jsonl").read_text().splitlines()]
     assert len(keys) == len(set(keys)) == 2 * 3                         # every test key exactly once
