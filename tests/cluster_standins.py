@@ -157,3 +157,17 @@ def make_all(root: Path) -> dict[str, str]:
             "bert-base-uncased": str(make_bert(root / "bert")),
             "openai/clip-vit-large-patch14": str(make_clip(root / "clip")),
             "stable-diffusion-v1-5/stable-diffusion-v1-5": str(make_sd15(root / "sd15"))}
+
+
+def make_cluster_inputs(root: Path) -> dict[str, str]:
+    """The stand-ins, tiny NSD-like and HCP-like shard datasets and a runs folder, keyed by the names the
+    cluster configs use (hub ids, `data/nsd/shards`, `data/hcp/shards`, `runs/nsd`)."""
+    from conftest import make_tiny_dataset
+
+    paths = make_all(root / "hub")
+    images = {"train": 10, "val": 3, "test": 3}
+    paths["data/nsd/shards"] = str(make_tiny_dataset(root / "nsd", n_images=images, image_size=16))
+    paths["data/hcp/shards"] = str(make_tiny_dataset(root / "hcp", subjects={"sub-01": 45}, n_images=images,
+                                                     captions=False, image_size=None, dataset="hcp"))
+    paths["runs/nsd"] = str(root / "runs")
+    return paths

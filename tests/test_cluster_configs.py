@@ -43,17 +43,9 @@ def test_every_cluster_config_is_covered():
 
 @pytest.fixture(scope="module")
 def standins(tmp_path_factory):
-    import cluster_standins
-    from conftest import make_tiny_dataset
+    from cluster_standins import make_cluster_inputs
 
-    root = tmp_path_factory.mktemp("cluster")
-    paths = cluster_standins.make_all(root / "hub")
-    images = {"train": 10, "val": 3, "test": 3}
-    paths["data/nsd/shards"] = str(make_tiny_dataset(root / "nsd", n_images=images, image_size=16))
-    paths["data/hcp/shards"] = str(make_tiny_dataset(root / "hcp", subjects={"sub-01": 45}, n_images=images,
-                                                     captions=False, image_size=None, dataset="hcp"))
-    paths["runs/nsd"] = str(root / "runs")
-    return paths
+    return make_cluster_inputs(tmp_path_factory.mktemp("cluster"))
 
 
 def point_at_standins(value, paths: dict[str, str]):
@@ -95,15 +87,15 @@ def changed_keys(a, b, prefix="") -> set[str]:
     return set() if a == b else {prefix.rstrip(".")}
 
 
-def run_cli(subcommand: str, cfg: dict, tmp: Path, *extra: str, devices: int = 1) -> str:
-    """The real CLI in a subprocess (Lightning's DDP launcher re-runs it per rank). Returns stdout."""
+def run_cli(subcommand: str, cfg: dict, tmp: Path, *extra: str, devices: int = 1) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess (Lightning's DDP launcher re-runs it per rank)."""
     path = tmp / f"{Path(cfg['trainer']['default_root_dir']).name}-{subcommand}-{devices}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "mindsemantix.cli", subcommand, "--config", str(path), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
-    return proc.stdout + proc.stderr
+    return proc
 
 
 def check_checkpoints(run: Path, frozen_prefixes: tuple[str, ...]) -> dict[str, int]:
@@ -145,15 +137,13 @@ def test_cluster_configs_run_on_standins(standins, tmp_path):
     llm_keys = [k for k in state if ".llm." in k or k.startswith("bridge.llm.")]
     assert llm_keys and all("lora_" in k for k in llm_keys)            # adapters only, never the LLM
     assert all(state[k].dtype == torch.float32 for k in llm_keys)      # fp32 adapters beside a bf16 LLM
-    run_cli("predict", cfg, tmp_path, "--model.init_args.init_from", str(run / "export"),
-            "--trainer.callbacks+=mindsemantix.stages.align.CaptionWriter")
+    run_cli("predict", cfg, tmp_path, "--model.init_args.init_from", str(run / "export"))  # align.yaml lists CaptionWriter
     captions = [json.loads(line) for line in (run / "captions.jsonl").read_text().splitlines()]
     assert len(captions) == 2 * 3 and all(isinstance(c["caption"], str) for c in captions)
 
     cfg = standin_config("reconstruct.yaml", standins)
     assert cfg["model"]["init_args"]["diffusion_dtype"] == "float16"  # a GPU setting: fp32 on this CPU, warned
-    out = run_cli("fit", cfg, tmp_path)
-    assert "float16 Stable Diffusion needs a GPU" in out
+    assert "float16 Stable Diffusion needs a GPU" in run_cli("fit", cfg, tmp_path).stderr
     run = runs / "reconstruct"
     check_checkpoints(run, ("brain_encoder.", "align.", "pipe.", "diffusion."))
     run_cli("predict", cfg, tmp_path, "--model.init_args.init_from", str(run / "export"))
@@ -173,11 +163,9 @@ def test_stage2_phase2_under_two_process_ddp(standins, tmp_path):
     run = tmp_path / "align_ddp"
     cfg["trainer"].update(devices=2, strategy=yaml.safe_load((CLUSTER / "align.yaml").read_text())["trainer"]["strategy"],
                           default_root_dir=str(run))
-    out = run_cli("fit", cfg, tmp_path, devices=2)
-    assert out.count("export: wrote") == 1
+    assert run_cli("fit", cfg, tmp_path, devices=2).stdout.count("export: wrote") == 1
     check_checkpoints(run, ("brain_encoder.", "vision_encoder."))
-    out = run_cli("predict", cfg, tmp_path, "--model.init_args.init_from", str(run / "export"),
-                  "--trainer.callbacks+=mindsemantix.stages.align.CaptionWriter", devices=2)
+    out = run_cli("predict", cfg, tmp_path, "--model.init_args.init_from", str(run / "export"), devices=2).stdout
     assert out.count("captions: wrote") == 1
     keys = [json.loads(line)["key"] for line in (run / "captions.jsonl").read_text().splitlines()]
     assert len(keys) == len(set(keys)) == 2 * 3                         # every test key exactly once

@@ -161,3 +161,46 @@ def test_a_preempted_and_resumed_run_keeps_one_last_checkpoint(tmp_path):
     fit("--ckpt_path=last")
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.ckpt"))
     assert [n for n in names if n.startswith("last")] == ["last.ckpt"], names
+
+
+# -- dependencies ------------------------------------------------------------------------------------
+
+def test_a_sentencepiece_only_llama_tokenizer_loads(tmp_path):
+    """Vicuna / Llama-2 ship `tokenizer.model` only: transformers converts it with sentencepiece and
+    protobuf (without them: "Error parsing line ... tokenizer.model")."""
+    from cluster_standins import make_llama
+
+    from mindsemantix.models.pretrained import load_causal_lm
+
+    model, tokenizer = load_causal_lm(str(make_llama(tmp_path / "vicuna")), dtype=torch.bfloat16)
+    assert not (tmp_path / "vicuna" / "tokenizer.json").exists()
+    ids = tokenizer("image 3 caption 1")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id == 1 and tokenizer.eos_token_id == 2
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "image 3 caption 1"
+    assert model.dtype == torch.bfloat16
+
+
+def run_setup_with_torch(tmp_path, version: str):
+    """scripts/setup_env.sh on a venv whose torch reports `version` (pip calls are no-ops)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fake = tmp_path / "site"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(f'#!/bin/bash\n[ "$1 $2" = "-m pip" ] && exit 0\n'
+                                         f'PYTHONPATH={fake} exec {sys.executable} "$@"\n')
+    (venv / "bin" / "python").chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(["bash", str(root / "scripts" / "setup_env.sh")], cwd=root, env={"VENV": str(venv), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_setup_refuses_a_torch_older_than_transformers_needs(tmp_path):
+    old = run_setup_with_torch(tmp_path / "old", "2.5.1+cu121")
+    assert old.returncode == 1 and "needs torch >= 2.6" in old.stderr and "keeping" not in old.stdout
+    recent = run_setup_with_torch(tmp_path / "recent", "2.7.0+cu126")
+    assert "keeping installed torch 2.7.0+cu126" in recent.stdout       # a user's CUDA build stays
