@@ -2,7 +2,7 @@
 
     mindsemantix fit|validate|test|predict --config stages/<stage>.yaml [--overrides] [--debug]   (LightningCLI;
         errors are one line naming the cause, --debug or MINDSEMANTIX_DEBUG=1 shows the traceback)
-    mindsemantix data inspect DIR [--no-checksums]
+    mindsemantix data inspect DIR [--no-checksums] [--deep]
     mindsemantix score-captions --predictions P.jsonl --references R.jsonl --out M.json
     mindsemantix score-images --predictions DIR --targets DIR --out M.json
     mindsemantix evaluate ...                                                          (see `make eval`)
@@ -33,13 +33,30 @@ def data_main(argv: list[str]) -> int:
     p = sub.add_parser("inspect", help="print subjects, voxel counts, samples per split; check the manifest")
     p.add_argument("dataset", help="shard dataset folder (with manifest.json)")
     p.add_argument("--no-checksums", action="store_true", help="check sizes only, not sha256")
+    p.add_argument("--deep", action="store_true", help="also decode every sample: NaN/inf, zero repetitions, bad "
+                                                       "PNGs/captions/keys, duplicate keys, test-set leaks (slow)")
     args = parser.parse_args(argv)
     try:
+        if args.deep:
+            return deep_inspect_main(args.dataset, checksums=not args.no_checksums)
         print("\n".join(inspect(args.dataset, checksums=not args.no_checksums)))
     except ShardError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def deep_inspect_main(dataset: str, checksums: bool, shown: int = 50) -> int:
+    """`data inspect --deep`: print every problem (up to `shown`) and their count; exit 1 if any."""
+    from mindsemantix.data.shards import deep_inspect
+
+    n, problems = deep_inspect(dataset, checksums=checksums)
+    for line in problems[:shown]:
+        print(f"problem: {line}")
+    if len(problems) > shown:
+        print(f"... and {len(problems) - shown} more")
+    print(f"deep check: {n} samples decoded, {len(problems)} problem(s)")
+    return 1 if problems else 0
 
 
 def cpu_has_fast_bf16() -> bool:
