@@ -33,6 +33,7 @@ from mindsemantix.data.nsd import (
     TRIALS_PER_SESSION, NSDError, NSDLayout, check_session, find_sessions, load_coco_captions,
     load_design, load_roi, load_stim_info, read_session_betas, subject_name, zscore_session,
 )
+from mindsemantix.data.shards import ShardError
 
 RECIPE_VERSION = "1"
 
@@ -218,7 +219,7 @@ def main(argv=None) -> dict:
                         not args.no_captions, not args.no_images, args.val_fraction,
                         args.samples_per_shard, args.betas_format, args.roi, args.dataset,
                         args.subject_prefix, progress=not args.quiet)
-    except NSDError as e:
+    except (NSDError, ShardError) as e:
         sys.exit(f"nsd recipe: {e}")
     print(f"wrote {args.out} in {extra['seconds']} s")
     return extra

@@ -1,7 +1,8 @@
 """Command line: `mindsemantix` (also installed as `lightning`).
 
-    mindsemantix fit|validate|test|predict --config stages/<stage>.yaml [--overrides]   (LightningCLI)
-    mindsemantix data inspect DIR [--no-checksums]
+    mindsemantix fit|validate|test|predict --config stages/<stage>.yaml [--overrides] [--debug]   (LightningCLI;
+        errors are one line naming the cause, --debug or MINDSEMANTIX_DEBUG=1 shows the traceback)
+    mindsemantix data inspect DIR [--no-checksums] [--deep]
     mindsemantix score-captions --predictions P.jsonl --references R.jsonl --out M.json
     mindsemantix score-images --predictions DIR --targets DIR --out M.json
     mindsemantix evaluate ...                                                          (see `make eval`)
@@ -36,13 +37,30 @@ def data_main(argv: list[str]) -> int:
     p = sub.add_parser("inspect", help="print subjects, voxel counts, samples per split; check the manifest")
     p.add_argument("dataset", help="shard dataset folder (with manifest.json)")
     p.add_argument("--no-checksums", action="store_true", help="check sizes only, not sha256")
+    p.add_argument("--deep", action="store_true", help="also decode every sample: NaN/inf, zero repetitions, bad "
+                                                       "PNGs/captions/keys, duplicate keys, test-set leaks (slow)")
     args = parser.parse_args(argv)
     try:
+        if args.deep:
+            return deep_inspect_main(args.dataset, checksums=not args.no_checksums)
         print("\n".join(inspect(args.dataset, checksums=not args.no_checksums)))
     except ShardError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def deep_inspect_main(dataset: str, checksums: bool, shown: int = 50) -> int:
+    """`data inspect --deep`: print every problem (up to `shown`) and their count; exit 1 if any."""
+    from mindsemantix.data.shards import deep_inspect
+
+    n, problems = deep_inspect(dataset, checksums=checksums)
+    for line in problems[:shown]:
+        print(f"problem: {line}")
+    if len(problems) > shown:
+        print(f"... and {len(problems) - shown} more")
+    print(f"deep check: {n} samples decoded, {len(problems)} problem(s)")
+    return 1 if problems else 0
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -171,6 +189,49 @@ def lightning_cli(args: list[str] | None = None):
     )
 
 
+DEBUG_ENV = "MINDSEMANTIX_DEBUG"
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain: what jsonargparse's "Does not validate against any of the
+    Union subtypes" (and Lightning's re-raises) wrap, e.g. the ExportError of a model's __init__."""
+    seen = {id(error)}
+    while True:
+        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if inner is None or id(inner) in seen:
+            return error
+        seen.add(id(inner))
+        error = inner
+
+
+def one_line(error: BaseException, limit: int = 500) -> str:
+    """`error` as one line: its own message for our input errors, else `Type: message`."""
+    from mindsemantix.callbacks import CheckpointError
+    from mindsemantix.data.shards import ShardError
+    from mindsemantix.export import ExportError
+
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    if not isinstance(error, (CheckpointError, ShardError, ExportError)):
+        text = f"{type(error).__name__}: {text}"
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def run_lightning(argv: list[str], from_console: bool = False) -> int:
+    """LightningCLI with errors as one line naming the cause; `--debug` (or MINDSEMANTIX_DEBUG=1) for the traceback."""
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "off")
+    argv = [a for a in argv if a != "--debug"]
+    if from_console:  # LightningCLI reads sys.argv itself then (and warns when given both)
+        sys.argv[1:] = argv
+    try:
+        lightning_cli(None if from_console else argv)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line unless debugging
+        if debug:
+            raise
+        print(f"error: {one_line(root_cause(e))}  (--debug or {DEBUG_ENV}=1 shows the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from_console = argv is None
     argv = sys.argv[1:] if argv is None else argv
@@ -181,16 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(getattr(importlib.import_module(module), function or "main")(argv[1:]) or 0)
     if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
         print(__doc__)
-    from mindsemantix.callbacks import CheckpointError
-    from mindsemantix.data.shards import ShardError
-    from mindsemantix.export import ExportError
-
-    try:
-        lightning_cli(None if from_console else argv)
-    except (CheckpointError, ShardError, ExportError) as e:  # bad input: a message, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_lightning(argv, from_console)
 
 
 if __name__ == "__main__":

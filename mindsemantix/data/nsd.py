@@ -28,8 +28,8 @@ import csv
 import dataclasses
 import json
 import re
+import zlib
 from pathlib import Path
-from zlib import error as zlib_error
 
 import h5py
 import nibabel as nib
@@ -219,7 +219,11 @@ def load_coco_captions(folder: str | Path) -> dict[int, list[str]]:
             data = json.loads(path.read_text())
             annotations = data["annotations"]
             for a in annotations:
-                by_image.setdefault(int(a["image_id"]), []).append((int(a.get("id", 0)), str(a["caption"]).strip()))
+                caption = a["caption"]
+                if not isinstance(caption, str) or not caption.strip():
+                    raise NSDError(f"{path}: annotation {a.get('id')} of image {a.get('image_id')} has an empty "
+                                   f"or non-text caption ({caption!r})")
+                by_image.setdefault(int(a["image_id"]), []).append((int(a.get("id", 0)), caption.strip()))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise NSDError(f"{path}: not a COCO caption annotation file ({e})") from e
     return {k: [c for _, c in sorted(v)] for k, v in by_image.items()}
@@ -312,18 +316,21 @@ def read_session_betas(sf: SessionFile, roi_index: tuple[np.ndarray, ...]) -> np
     Memory: the .nii.gz variant must be decompressed whole (one session); the .hdf5 variant is
     read only over the ROI's bounding box.
     """
-    if sf.fmt == "nii.gz":
-        data = np.asanyarray(nib.load(str(sf.path)).dataobj)  # (X, Y, Z, 750), scaled if slope set
-        roi = data[roi_index]  # (V, 750)
-        del data
-        return (roi.T / BETA_SCALE).astype(np.float32)
-    x, y, z = roi_index
-    lo = [int(a.min()) for a in (x, y, z)]
-    hi = [int(a.max()) + 1 for a in (x, y, z)]
-    with h5py.File(sf.path, "r") as f:
-        box = f["betas"][:, lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]  # (750, z, y, x)
-    roi = box[:, z - lo[2], y - lo[1], x - lo[0]]  # (750, V)
-    return (roi / BETA_SCALE).astype(np.float32)
+    try:
+        if sf.fmt == "nii.gz":
+            data = np.asanyarray(nib.load(str(sf.path)).dataobj)  # (X, Y, Z, 750), scaled if slope set
+            roi = data[roi_index]  # (V, 750)
+            del data
+            return (roi.T / BETA_SCALE).astype(np.float32)
+        x, y, z = roi_index
+        lo = [int(a.min()) for a in (x, y, z)]
+        hi = [int(a.max()) + 1 for a in (x, y, z)]
+        with h5py.File(sf.path, "r") as f:
+            box = f["betas"][:, lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]  # (750, z, y, x)
+        roi = box[:, z - lo[2], y - lo[1], x - lo[0]]  # (750, V)
+        return (roi / BETA_SCALE).astype(np.float32)
+    except (OSError, EOFError, ValueError, KeyError, zlib.error) as e:  # headers passed check_session; the data did not
+        raise NSDError(f"{sf.path}: unreadable betas, truncated or corrupt ({type(e).__name__}: {e})") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,7 +388,7 @@ def read_volumes(path: str | Path, roi_img: nib.Nifti1Image, roi_index: tuple[np
             out = read_session_betas(SessionFile(0, path, "hdf5"), roi_index)
         else:
             raise NSDError(f"{path}: unknown file type (expected .nii.gz, .nii, .hdf5 or .npy)")
-    except (OSError, EOFError, ValueError, zlib_error) as e:
+    except (OSError, EOFError, ValueError, zlib.error) as e:
         if isinstance(e, NSDError):
             raise
         raise NSDError(f"{path}: unreadable ({type(e).__name__}: {e})") from e

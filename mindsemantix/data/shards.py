@@ -374,6 +374,7 @@ class ShardDataset:
         self.manifest = read_manifest(self.root)
         self.name = self.manifest["dataset"]
         self.skipped: dict[str, int] = {}
+        self.problems: list[str] = []  # the messages of what was skipped, in order
         self.subjects = {
             s: SubjectEntry(s, int(info["n_voxels"]), confined(self.root, info.get("mask"), f"mask of {s}"), self.name, info)
             for s, info in self.manifest["subjects"].items()
@@ -392,6 +393,7 @@ class ShardDataset:
         if self.on_error == "raise":
             raise ShardError(message)
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        self.problems.append(message)
         log.warning("skipping: %s", message)
 
     def samples(self, split: str) -> list[SampleRef]:
@@ -426,6 +428,8 @@ class ShardDataset:
                     if member.offset_data + member.size > size:
                         raise tarfile.ReadError(f"member {member.name} runs past the end of the file")
                     key, _, ext = member.name.partition(".")
+                    if ext in grouped.get(key, {}):
+                        raise tarfile.ReadError(f"member {member.name} appears twice (duplicate key {key!r})")
                     grouped.setdefault(key, {})[ext] = (member.offset_data, member.size)
         except (tarfile.TarError, OSError, EOFError) as e:
             self._skip("bad_shard", f"{path}: unreadable or truncated tar ({e})")
@@ -587,6 +591,57 @@ def inspect(root: str | os.PathLike, checksums: bool = True) -> list[str]:
                      + ", ".join(f"{k} {v}" for k, v in sorted(per_subject.items())) + ")")
     lines.append("checks: manifest counts OK" + (", sha256 OK" if checksums else ", sizes OK (checksums skipped)"))
     return lines
+
+
+def deep_inspect(root: str | os.PathLike, checksums: bool = True) -> tuple[int, list[str]]:
+    """Decode every sample of every split: (samples decoded, problems). Problems are one line each:
+    unreadable shards, bad keys, NaN/inf voxels, zero repetitions, undecodable PNGs, bad captions or
+    meta, keys found twice, and test-set leaks: an image (by image_id or by its decoded pixels) in the
+    test split of one subject and in train/val of any subject."""
+    quiet = log.level
+    log.setLevel(logging.ERROR)  # what is skipped comes back in the problems, not as warnings too
+    try:
+        ds = ShardDataset(root, verify="sha256" if checksums else "size", on_error="skip")
+        for split in ds.splits:
+            ds.samples(split)
+    finally:
+        log.setLevel(quiet)
+    reader = SampleReader()
+    problems: list[str] = []
+    first_seen: dict[str, str] = {}
+    images: dict[str, dict[Any, str]] = {"test": {}, "train/val": {}}  # image_id or pixel digest -> key
+    n = 0
+    try:
+        for split in ds.splits:
+            group = images["test" if split == "test" else "train/val"]
+            for ref in ds.samples(split):
+                where = f"{ref.shard} [{ref.key}]"
+                if ref.key in first_seen:
+                    problems.append(f"{where}: duplicate key, also in {first_seen[ref.key]}")
+                first_seen.setdefault(ref.key, ref.shard)
+                n += 1
+                try:
+                    reader.fmri(ref)
+                    meta = reader.json(ref, "meta")
+                    if not isinstance(meta, dict) or meta.get("subject") != ref.subject or meta.get("split") != split:
+                        problems.append(f"{where}: meta.json subject/split {str(meta)[:80]!r} disagree with the key and split {split}")
+                    if FIELD_EXT["captions"] in ref.members:
+                        reader.captions(ref)
+                    group.setdefault(("id", ref.image_id), ref.key)
+                    if FIELD_EXT["image"] in ref.members:
+                        pixels = reader.image(ref)
+                        digest = hashlib.sha256(pixels.tobytes() + str(pixels.shape).encode()).hexdigest()
+                        group.setdefault(("pixels", digest), ref.key)
+                except ShardError as e:
+                    problems.append(str(e))
+    finally:
+        reader.close()
+    for what, key in images["test"].items():
+        other = images["train/val"].get(what)
+        if other is not None:
+            kind = f"image_id {what[1]}" if what[0] == "id" else "the same pixels"
+            problems.append(f"{ds.root}: test-set leak: {kind} in test ({key}) and in train/val ({other})")
+    return n, ds.problems + problems
 
 
 def iter_split(ds: ShardDataset, split: str, fields: Iterable[str] = ("fmri", "meta")):
