@@ -39,7 +39,7 @@ def mean_repetitions(fmri: np.ndarray) -> np.ndarray:
 
 def load_split_arrays(root: str | os.PathLike, split: str, *, captions: bool = True, images: bool = False,
                       image_ids: bool = False, verify: str = "sha256") -> dict[str, SplitArrays]:
-    """{subject: SplitArrays} of a Contract-1 dataset split, keys sorted within each subject.
+    """{subject: SplitArrays} of a shard dataset split (docs/formats.md), keys sorted within each subject.
     `verify`: ShardDataset's check of the shards ("none" to skip the checksums)."""
     from mindsemantix.data.shards import ShardDataset, iter_split
 
