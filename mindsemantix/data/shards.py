@@ -106,6 +106,11 @@ class ShardWriter:
         self._keys: set[str] = set()
         self._closed = False
 
+    @property
+    def building_in(self) -> Path:
+        """The hidden temporary folder the dataset is built in until `close()` moves it to `out`."""
+        return self._root
+
     # -- subjects
     def add_subject(self, subject: str, mask: nib.spatialimages.SpatialImage | str | os.PathLike,
                     roi_value: int = 1, **info: Any) -> int:
