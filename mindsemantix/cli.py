@@ -109,6 +109,29 @@ def auto_precision(accelerator: str | None = "auto") -> str:
     return "bf16-mixed" if bf16_is_fast(device_type) else "32-true"
 
 
+def add_run_csv_logger(cfg, subcommand: str | None) -> None:
+    """The run folder always gets `metrics.csv` (what `curves.png` reads): the CSV logger is the
+    default, and it is put first beside any logger the config names (TensorBoard, W&B, MLflow...),
+    so `trainer.log_dir` (config.yaml, hparams) stays the run folder. `logger: false` logs nothing.
+    fit logs to the run folder; validate/test/predict to <run>/<subcommand>, so they never
+    overwrite the training curves or the training config.yaml."""
+    given = cfg.trainer.logger
+    if given is False:
+        return
+    save_dir = Path(cfg.trainer.default_root_dir or ".")
+    if subcommand not in (None, "fit"):
+        save_dir = save_dir / subcommand
+    csv = {"class_path": "mindsemantix.callbacks.RunCSVLogger",
+           "init_args": {"save_dir": str(save_dir), "name": "", "version": "",
+                         "resume": subcommand == "fit" and bool(cfg.get("ckpt_path"))}}
+    if given in (None, True):
+        cfg.trainer.logger = csv
+        return
+    loggers = list(given) if isinstance(given, list) else [given]
+    if not any(str(getattr(lg, "class_path", "")).endswith("RunCSVLogger") for lg in loggers):
+        cfg.trainer.logger = [csv, *loggers]
+
+
 def lightning_cli(args: list[str] | None = None):
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
@@ -159,21 +182,19 @@ def lightning_cli(args: list[str] | None = None):
             given = list(given) if isinstance(given, (list, tuple)) else [given]
             if not any(isinstance(p, CheckpointIO) for p in given):
                 kwargs["plugins"] = [*given, AtomicCheckpointIO()]
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
+            # Checkpoints live in <run>/checkpoints whatever the loggers (Lightning would put them under
+            # the first logger's folder), so `--ckpt_path last` and SLURM requeues always find them.
+            for callback in trainer.checkpoint_callbacks:
+                if callback.dirpath is None:
+                    callback.dirpath = os.path.realpath(Path(trainer.default_root_dir) / "checkpoints")
+            return trainer
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             if cfg.trainer.precision is None:
                 cfg.trainer.precision = auto_precision(cfg.trainer.accelerator)
-            if cfg.trainer.logger in (None, True):
-                # fit logs to the run folder; validate/test/predict to <run>/<subcommand>, so they never
-                # overwrite the training curves or the training config.yaml
-                save_dir = Path(cfg.trainer.default_root_dir or ".")
-                if self.subcommand not in (None, "fit"):
-                    save_dir = save_dir / self.subcommand
-                cfg.trainer.logger = {"class_path": "mindsemantix.callbacks.RunCSVLogger",
-                                      "init_args": {"save_dir": str(save_dir), "name": "", "version": "",
-                                                    "resume": self.subcommand == "fit" and bool(cfg.get("ckpt_path"))}}
+            add_run_csv_logger(cfg, self.subcommand)
 
     from mindsemantix.callbacks import DataSkipReport, Preemption
 
