@@ -209,26 +209,34 @@ def lightning_cli(args: list[str] | None = None):
 DEBUG_ENV = "MINDSEMANTIX_DEBUG"
 
 
-def root_cause(error: BaseException) -> BaseException:
-    """The innermost exception of a chain: what jsonargparse's "Does not validate against any of the
-    Union subtypes" (and Lightning's re-raises) wrap, e.g. the ExportError of a model's __init__."""
-    seen = {id(error)}
-    while True:
-        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
-        if inner is None or id(inner) in seen:
-            return error
-        seen.add(id(inner))
-        error = inner
-
-
-def one_line(error: BaseException, limit: int = 500) -> str:
-    """`error` as one line: its own message for our input errors, else `Type: message`."""
+def input_error_types() -> tuple[type[Exception], ...]:
+    """Our errors about bad input: their message already names the file/option and the problem."""
     from mindsemantix.callbacks import CheckpointError
     from mindsemantix.data.shards import ShardError
     from mindsemantix.export import ExportError
 
+    return CheckpointError, ShardError, ExportError
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """What to report of an exception chain: the outermost of our input errors in it (they carry the
+    message; what they wrap is detail), else the innermost exception — what jsonargparse's "Does not
+    validate against any of the Union subtypes" or Lightning's re-raises wrap."""
+    ours = input_error_types()
+    seen = {id(error)}
+    while not isinstance(error, ours):
+        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if inner is None or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        error = inner
+    return error
+
+
+def one_line(error: BaseException, limit: int = 500) -> str:
+    """`error` as one line: its own message for our input errors, else `Type: message`."""
     text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
-    if not isinstance(error, (CheckpointError, ShardError, ExportError)):
+    if not isinstance(error, input_error_types()):
         text = f"{type(error).__name__}: {text}"
     return text if len(text) <= limit else text[:limit] + " ..."
 
