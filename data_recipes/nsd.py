@@ -11,14 +11,21 @@ voxel is z-scored within each session with the mean and SD (ddof=0) of that sess
 trials only. Test = the shared images (`sharedix`); val = a fixed part of the other images
 (chosen by a hash of the image id, so it never depends on which subjects are converted).
 
-Memory stays near one session's betas: z-scored ROI rows are spilled to a temporary file on disk
-and gathered per image at the end. The shards appear only when everything succeeded.
+Memory stays near one session's betas: z-scored ROI rows are spilled to a scratch file on disk
+(one subject at a time, freed when the subject is done) and gathered per image. The shards appear
+only when everything succeeded. SIGTERM cleans up like Ctrl-C; scratch and half-written datasets of
+an earlier run that was killed outright (SIGKILL, power loss) are removed on the next start.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
 import sys
 import tempfile
 import time
@@ -137,8 +144,10 @@ def convert(nsd_root: str | Path, out: str | Path, subjects: list[int] | None = 
             "fmri": "(repetitions, voxels) float16 in trial order",
         }
         Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".nsd-recipe-", dir=Path(out).resolve().parent) as scratch, \
+        remove_stale_leftovers(Path(out))
+        with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=Path(out).resolve().parent) as scratch, \
                 ShardWriter(out, dataset=dataset, samples_per_shard=samples_per_shard, extra=extra) as writer:
+            mark_owner(Path(scratch), Path(out), writer.building_in)
             for plan in plans:
                 _convert_subject(plan, writer, Path(scratch), shared, stim, captions,
                                  stimuli["imgBrick"] if stimuli is not None else None,
@@ -184,6 +193,61 @@ def _convert_subject(plan: dict, writer, scratch: Path, shared: set[int], stim, 
                      captions=captions[coco_id] if captions is not None else None,
                      image=_resize(brick[nsd_id], image_size) if brick is not None else None)
     del rows
+    (scratch / f"{name}.npy").unlink()  # free this subject's scratch (T x V float32) before the next one
+
+
+# ----------------------------------------------------------------------------------------------
+# Leftovers of killed runs
+
+SCRATCH_PREFIX = ".nsd-recipe-"
+OWNER_FILE = "owner.json"
+
+
+def mark_owner(scratch: Path, out: Path, dataset_tmp: Path) -> None:
+    """Record, in the scratch folder, which process made it and its hidden temporary dataset, so a
+    later run can tell a dead run's leftovers from a live run's folders."""
+    (scratch / OWNER_FILE).write_text(json.dumps({"recipe": "nsd", "host": socket.gethostname(), "pid": os.getpid(),
+                                                  "out": str(out.resolve()), "dataset_tmp": str(dataset_tmp.resolve())}))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def remove_stale_leftovers(out: Path) -> list[Path]:
+    """Remove the scratch folders and hidden temporary datasets that earlier runs of this recipe for
+    `out` left when killed outright. Only folders with this recipe's owner record, for the same `out`,
+    made on this host by a process that no longer exists, are touched (a live run is never)."""
+    out = out.resolve()
+    removed = []
+    for scratch in out.parent.glob(f"{SCRATCH_PREFIX}*"):
+        try:
+            owner = json.loads((scratch / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours to judge (or still being set up)
+        if (owner.get("recipe") != "nsd" or owner.get("out") != str(out) or owner.get("host") != socket.gethostname()
+                or _alive(int(owner.get("pid", 0)))):
+            continue
+        dataset_tmp = Path(owner.get("dataset_tmp", ""))
+        # only the writer's hidden sibling of `out` (".<name>.<random>.tmp"), never anything else
+        if dataset_tmp.parent == out.parent and dataset_tmp.name.startswith(f".{out.name}.") and dataset_tmp.name.endswith(".tmp"):
+            shutil.rmtree(dataset_tmp, ignore_errors=True)
+            removed.append(dataset_tmp)
+        shutil.rmtree(scratch, ignore_errors=True)
+        removed.append(scratch)
+    for path in removed:
+        print(f"nsd recipe: removed {path.name}, left by an earlier run that was killed")
+    return removed
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: scratch and the half-written dataset are removed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -214,6 +278,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if not 0 <= args.val_fraction < 1:
         sys.exit("nsd recipe: --val-fraction must be in [0, 1)")
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         extra = convert(args.nsd_root, args.out, args.subjects, args.image_size, args.coco_annotations,
                         not args.no_captions, not args.no_images, args.val_fraction,

@@ -113,6 +113,29 @@ def auto_precision(accelerator: str | None = "auto") -> str:
     return "bf16-mixed" if bf16_is_fast(device_type) else "32-true"
 
 
+def add_run_csv_logger(cfg, subcommand: str | None) -> None:
+    """The run folder always gets `metrics.csv` (what `curves.png` reads): the CSV logger is the
+    default, and it is put first beside any logger the config names (TensorBoard, W&B, MLflow...),
+    so `trainer.log_dir` (config.yaml, hparams) stays the run folder. `logger: false` logs nothing.
+    fit logs to the run folder; validate/test/predict to <run>/<subcommand>, so they never
+    overwrite the training curves or the training config.yaml."""
+    given = cfg.trainer.logger
+    if given is False:
+        return
+    save_dir = Path(cfg.trainer.default_root_dir or ".")
+    if subcommand not in (None, "fit"):
+        save_dir = save_dir / subcommand
+    csv = {"class_path": "mindsemantix.callbacks.RunCSVLogger",
+           "init_args": {"save_dir": str(save_dir), "name": "", "version": "",
+                         "resume": subcommand == "fit" and bool(cfg.get("ckpt_path"))}}
+    if given in (None, True):
+        cfg.trainer.logger = csv
+        return
+    loggers = list(given) if isinstance(given, list) else [given]
+    if not any(str(getattr(lg, "class_path", "")).endswith("RunCSVLogger") for lg in loggers):
+        cfg.trainer.logger = [csv, *loggers]
+
+
 def lightning_cli(args: list[str] | None = None):
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
@@ -163,21 +186,19 @@ def lightning_cli(args: list[str] | None = None):
             given = list(given) if isinstance(given, (list, tuple)) else [given]
             if not any(isinstance(p, CheckpointIO) for p in given):
                 kwargs["plugins"] = [*given, AtomicCheckpointIO()]
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
+            # Checkpoints live in <run>/checkpoints whatever the loggers (Lightning would put them under
+            # the first logger's folder), so `--ckpt_path last` and SLURM requeues always find them.
+            for callback in trainer.checkpoint_callbacks:
+                if callback.dirpath is None:
+                    callback.dirpath = os.path.realpath(Path(trainer.default_root_dir) / "checkpoints")
+            return trainer
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             if cfg.trainer.precision is None:
                 cfg.trainer.precision = auto_precision(cfg.trainer.accelerator)
-            if cfg.trainer.logger in (None, True):
-                # fit logs to the run folder; validate/test/predict to <run>/<subcommand>, so they never
-                # overwrite the training curves or the training config.yaml
-                save_dir = Path(cfg.trainer.default_root_dir or ".")
-                if self.subcommand not in (None, "fit"):
-                    save_dir = save_dir / self.subcommand
-                cfg.trainer.logger = {"class_path": "mindsemantix.callbacks.RunCSVLogger",
-                                      "init_args": {"save_dir": str(save_dir), "name": "", "version": "",
-                                                    "resume": self.subcommand == "fit" and bool(cfg.get("ckpt_path"))}}
+            add_run_csv_logger(cfg, self.subcommand)
 
     from mindsemantix.callbacks import DataSkipReport, Preemption
 
@@ -192,26 +213,34 @@ def lightning_cli(args: list[str] | None = None):
 DEBUG_ENV = "MINDSEMANTIX_DEBUG"
 
 
-def root_cause(error: BaseException) -> BaseException:
-    """The innermost exception of a chain: what jsonargparse's "Does not validate against any of the
-    Union subtypes" (and Lightning's re-raises) wrap, e.g. the ExportError of a model's __init__."""
-    seen = {id(error)}
-    while True:
-        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
-        if inner is None or id(inner) in seen:
-            return error
-        seen.add(id(inner))
-        error = inner
-
-
-def one_line(error: BaseException, limit: int = 500) -> str:
-    """`error` as one line: its own message for our input errors, else `Type: message`."""
+def input_error_types() -> tuple[type[Exception], ...]:
+    """Our errors about bad input: their message already names the file/option and the problem."""
     from mindsemantix.callbacks import CheckpointError
     from mindsemantix.data.shards import ShardError
     from mindsemantix.export import ExportError
 
+    return CheckpointError, ShardError, ExportError
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """What to report of an exception chain: the outermost of our input errors in it (they carry the
+    message; what they wrap is detail), else the innermost exception — what jsonargparse's "Does not
+    validate against any of the Union subtypes" or Lightning's re-raises wrap."""
+    ours = input_error_types()
+    seen = {id(error)}
+    while not isinstance(error, ours):
+        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if inner is None or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        error = inner
+    return error
+
+
+def one_line(error: BaseException, limit: int = 500) -> str:
+    """`error` as one line: its own message for our input errors, else `Type: message`."""
     text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
-    if not isinstance(error, (CheckpointError, ShardError, ExportError)):
+    if not isinstance(error, input_error_types()):
         text = f"{type(error).__name__}: {text}"
     return text if len(text) <= limit else text[:limit] + " ..."
 

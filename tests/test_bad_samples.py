@@ -12,6 +12,7 @@ import pytest
 from mindsemantix.data.datamodule import BrainDataModule
 from mindsemantix.data.shards import SampleReader, ShardDataset, ShardError, encode_npy
 from test_shards import rewrite_shard
+from test_untrusted_paths import rename_keys
 
 SHARD, KEY = "val/val-000000.tar", "subj01-000012"  # val-000000 holds subj01-000011..17 (40 voxels)
 
@@ -75,17 +76,7 @@ def test_bad_sample_is_one_error_or_a_counted_skip(tiny_dataset, case):
 
 
 def test_non_numeric_key_is_a_counted_skip(tiny_dataset):
-    import io
-    import tarfile
-
-    path = tiny_dataset / SHARD
-    with tarfile.open(path) as tar:
-        members = [(m.name.replace(KEY, "subj01-abcdef"), tar.extractfile(m).read()) for m in tar]
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    rename_keys(tiny_dataset / SHARD, {KEY: "subj01-abcdef"})
     with pytest.raises(ShardError, match=r"val-000000.tar \['subj01-abcdef'\]: key is not"):
         ShardDataset(tiny_dataset, verify="none").samples("val")
     ds = ShardDataset(tiny_dataset, verify="none", on_error="skip")

@@ -13,16 +13,17 @@ from mindsemantix.stages.pretrain import BrainMAE
 
 
 class NaNAtStep(BrainMAE):
-    """BrainMAE whose loss turns NaN at one global step (as an exploding step would)."""
+    """BrainMAE whose loss turns NaN at one global step (as an exploding step would), or, with
+    `every`, on every `every`-th batch."""
 
-    def __init__(self, nan_step: int = 2, **kwargs):
+    def __init__(self, nan_step: int = 2, every: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.nan_step = nan_step
+        self.nan_step, self.every = nan_step, every
 
     def training_step(self, batch, batch_idx):
         out = self.encoder.forward_mae(batch["fmri"], batch["subject"])
-        loss = out.loss * float("nan") if self.global_step == self.nan_step else out.loss
-        return self.guard_loss(loss, batch)
+        nan = batch_idx % self.every == 0 if self.every else self.global_step == self.nan_step
+        return self.guard_loss(out.loss * float("nan") if nan else out.loss, batch)
 
 
 def make_trainer(tmp_path, max_steps=4):
@@ -102,21 +103,8 @@ def test_checkpoints_load_to_the_cpu_unless_lightning_asks_otherwise(tmp_path, m
     assert seen == ["cpu", "meta"]
 
 
-class NaNFrom(BrainMAE):
-    """BrainMAE whose loss is NaN on the steps `nan_when(global_step, batch_idx)` says."""
-
-    def __init__(self, every: int = 1, **kwargs):
-        super().__init__(**kwargs)
-        self.every = every
-
-    def training_step(self, batch, batch_idx):
-        out = self.encoder.forward_mae(batch["fmri"], batch["subject"])
-        loss = out.loss * float("nan") if batch_idx % self.every == 0 else out.loss
-        return self.guard_loss(loss, batch)
-
-
 def test_a_run_whose_loss_is_always_nonfinite_fails_instead_of_exporting(tiny_dataset, tmp_path):
-    model = NaNFrom(every=1, preset="tiny", warmup_steps=1, max_consecutive_nonfinite=3)
+    model = NaNAtStep(every=1, preset="tiny", warmup_steps=1, max_consecutive_nonfinite=3)
     with pytest.raises(FloatingPointError, match="non-finite loss on 3 consecutive batches"):
         make_trainer(tmp_path, max_steps=20).fit(model, datamodule=BrainDataModule(str(tiny_dataset), batch_size=4))
     assert not (tmp_path / "export").exists()  # no untrained weights presented as a result
@@ -124,7 +112,7 @@ def test_a_run_whose_loss_is_always_nonfinite_fails_instead_of_exporting(tiny_da
 
 def test_too_large_a_share_of_skipped_batches_fails(tiny_dataset, tmp_path):
     # every second batch NaN: never 2 in a row, but half of the window
-    model = NaNFrom(every=2, preset="tiny", warmup_steps=1, max_consecutive_nonfinite=5,
+    model = NaNAtStep(every=2, preset="tiny", warmup_steps=1, max_consecutive_nonfinite=5,
                     max_nonfinite_share=0.4, nonfinite_window=6)
     with pytest.raises(FloatingPointError, match=r"non-finite loss on 1 consecutive batches and 3 of the last"):
         make_trainer(tmp_path, max_steps=20).fit(model, datamodule=BrainDataModule(str(tiny_dataset), batch_size=4))

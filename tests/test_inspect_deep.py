@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 
@@ -13,6 +12,7 @@ import mindsemantix.data.shards as shards
 from mindsemantix.cli import main as cli_main
 from mindsemantix.data.shards import ShardWriter, encode_npy
 from test_shards import rewrite_shard
+from test_untrusted_paths import rename_keys
 
 
 def test_clean_dataset_passes_and_default_inspect_decodes_nothing(tiny_dataset, capsys, monkeypatch):
@@ -43,16 +43,8 @@ def test_deep_inspect_reports_every_bad_sample(tiny_dataset, capsys):
     rewrite_shard(tiny_dataset, "train/train-000000.tar",  # a training sample shows a test image
                   lambda n, d: seen_in_test if n == "subj01-000000.image.png" else d)
     # a key that breaks the pattern, and one found twice
-    path = tiny_dataset / "train/train-000001.tar"
-    with tarfile.open(path) as tar:
-        members = [(m.name, tar.extractfile(m).read()) for m in tar]
-    rename = {"subj01-000007": "subj01-x7", "subj01-000008": "subj01-000015"}  # 15 is a val key
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            key, _, ext = name.partition(".")
-            info = tarfile.TarInfo(f"{rename.get(key, key)}.{ext}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    rename_keys(tiny_dataset / "train/train-000001.tar",
+                {"subj01-000007": "subj01-x7", "subj01-000008": "subj01-000015"})  # 15 is a val key
     assert cli_main(["data", "inspect", str(tiny_dataset), "--deep", "--no-checksums"]) == 1
     out = capsys.readouterr().out
     expected = [r"[subj01-000011]: fmri has 1 NaN/inf", r"[subj01-000012]: fmri.npy has 0 repetitions",

@@ -89,3 +89,12 @@ def test_a_changed_manifest_invalidates_the_verdicts(tiny_dataset):
     manifest.write_text(manifest.read_text() + " ")  # a new dataset version: verdicts are dropped
     with pytest.raises(shards.ShardError, match="val-000000.tar: sha256 does not match"):
         shards.ShardDataset(tiny_dataset).samples("val")
+
+
+def test_inspect_always_rehashes(tiny_dataset, monkeypatch):
+    shards.ShardDataset(tiny_dataset).samples("val")  # verdicts cached
+    calls = []
+    real = shards.sha256_file
+    monkeypatch.setattr(shards, "sha256_file", lambda p, *a: calls.append(str(p)) or real(p, *a))
+    shards.inspect(tiny_dataset)
+    assert sum(p.endswith(".tar") for p in calls) == sum(1 for _ in tiny_dataset.glob("*/*.tar"))

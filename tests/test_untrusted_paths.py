@@ -14,6 +14,18 @@ from mindsemantix.data.shards import ShardDataset, ShardError
 from mindsemantix.eval.baselines import write_image_folder
 
 
+def rename_keys(path, rename):
+    """Rewrite a shard with some keys renamed (sizes change: read it with verify="none")."""
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            key, _, ext = name.partition(".")
+            info = tarfile.TarInfo(f"{rename.get(key, key)}.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
 def edit_manifest(root, change):
     path = root / "manifest.json"
     manifest = json.loads(path.read_text())
@@ -46,16 +58,7 @@ def test_shard_paths_are_confined_to_the_dataset(tiny_dataset):
 
 
 def test_keys_are_checked_on_read(tiny_dataset):
-    rename = {"subj01-000012": "/tmp/subj01-000012"}
-    path = tiny_dataset / "val" / "val-000000.tar"
-    with tarfile.open(path) as tar:
-        members = [(m.name, tar.extractfile(m).read()) for m in tar]
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
-        for name, data in members:
-            key, _, ext = name.partition(".")
-            info = tarfile.TarInfo(f"{rename.get(key, key)}.{ext}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    rename_keys(tiny_dataset / "val" / "val-000000.tar", {"subj01-000012": "/tmp/subj01-000012"})
     with pytest.raises(ShardError, match=r"val-000000.tar \['/tmp/subj01-000012'\]: key is not"):
         ShardDataset(tiny_dataset, verify="none").samples("val")
     ds = ShardDataset(tiny_dataset, verify="none", on_error="skip")

@@ -106,6 +106,11 @@ class ShardWriter:
         self._keys: set[str] = set()
         self._closed = False
 
+    @property
+    def building_in(self) -> Path:
+        """The hidden temporary folder the dataset is built in until `close()` moves it to `out`."""
+        return self._root
+
     # -- subjects
     def add_subject(self, subject: str, mask: nib.spatialimages.SpatialImage | str | os.PathLike,
                     roi_value: int = 1, **info: Any) -> int:
@@ -312,12 +317,14 @@ class VerifyCache:
     unchanged; anything else is hashed again. Kept in the dataset folder (`.mindsemantix-verified.json`),
     or, where that is read-only, under `$XDG_CACHE_HOME/mindsemantix/verified/` (or ~/.cache)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, fresh: bool = False):
         self.root = root
         self.manifest_sha256 = sha256_file(root / "manifest.json")
         self.path = self._location()
         self.entries: dict[str, dict[str, Any]] = {}
         self._dirty = False
+        if fresh:  # hash everything again (and record the new verdicts)
+            return
         with contextlib.suppress(OSError, ValueError, AttributeError):
             saved = json.loads(self.path.read_text())
             if saved.get("manifest_sha256") == self.manifest_sha256:
@@ -362,10 +369,12 @@ class ShardDataset:
 
     `on_error="raise"` (default) turns any bad shard or sample into a ShardError naming the file and
     key; `"skip"` drops it, counts it in `self.skipped` and logs a warning. `verify="sha256"` checks
-    each shard's checksum once per dataset version (see VerifyCache); "size" checks sizes only.
+    each shard's checksum once per dataset version (see VerifyCache; `rehash=True` ignores earlier
+    verdicts); "size" checks sizes only.
     """
 
-    def __init__(self, root: str | os.PathLike, *, verify: str = "sha256", on_error: str = "raise"):
+    def __init__(self, root: str | os.PathLike, *, verify: str = "sha256", on_error: str = "raise",
+                 rehash: bool = False):
         if verify not in ("sha256", "size", "none"):
             raise ValueError(f"verify must be 'sha256', 'size' or 'none', got {verify!r}")
         if on_error not in ("raise", "skip"):
@@ -383,7 +392,7 @@ class ShardDataset:
             if not entry.mask_path.is_file():
                 raise ShardError(f"{entry.mask_path}: mask of subject {entry.name} is missing")
         self._index: dict[str, list[SampleRef]] = {}
-        self._verify_cache = VerifyCache(self.root) if verify == "sha256" else None
+        self._verify_cache = VerifyCache(self.root, fresh=rehash) if verify == "sha256" else None
 
     @property
     def splits(self) -> list[str]:
@@ -573,7 +582,7 @@ class SampleReader:
 
 def inspect(root: str | os.PathLike, checksums: bool = True) -> list[str]:
     """Human-readable summary of a dataset; raises ShardError on any inconsistency."""
-    ds = ShardDataset(root, verify="sha256" if checksums else "size")
+    ds = ShardDataset(root, verify="sha256" if checksums else "size", rehash=True)
     lines = [f"dataset {ds.name} at {ds.root} ({FORMAT})", "subjects:"]
     for s in ds.subjects.values():
         lines.append(f"  {s.name}: {s.n_voxels} voxels, mask {s.mask_path.relative_to(ds.root)}")
@@ -601,7 +610,7 @@ def deep_inspect(root: str | os.PathLike, checksums: bool = True) -> tuple[int, 
     quiet = log.level
     log.setLevel(logging.ERROR)  # what is skipped comes back in the problems, not as warnings too
     try:
-        ds = ShardDataset(root, verify="sha256" if checksums else "size", on_error="skip")
+        ds = ShardDataset(root, verify="sha256" if checksums else "size", on_error="skip", rehash=True)
         for split in ds.splits:
             ds.samples(split)
     finally:
