@@ -113,7 +113,7 @@ def test_checkpoints_leave_out_every_parameter_nothing_trains_and_load_back(tmp_
 
     model = phase2()
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert any(n.startswith("qformer.text_embeddings.") for n in frozen)
+    assert any(n.startswith("captioner.qformer.text_embeddings.") for n in frozen)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -122,7 +122,7 @@ def test_checkpoints_leave_out_every_parameter_nothing_trains_and_load_back(tmp_
     model.on_save_checkpoint(checkpoint)
     state = checkpoint["state_dict"]
     assert not frozen & set(state), sorted(frozen & set(state))[:3]
-    assert any(k.startswith("qformer.") for k in state)                # the trained query path stays
+    assert any(k.startswith("captioner.qformer.") for k in state)                # the trained query path stays
     resumed = phase2()
     resumed.load_state_dict(state)                                      # strict: only frozen keys absent
     for name, tensor in model.state_dict().items():
