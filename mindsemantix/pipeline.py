@@ -322,7 +322,7 @@ def _eval_summary(run: Path) -> dict[str, Any] | None:
     for candidate in (run.parent.parent / "reports" / run.name / "eval.json", run / "eval.json"):
         if candidate.is_file():
             report = json.loads(candidate.read_text())
-            return {"model": report.get("model"), "baselines": report.get("baselines")}
+            return {"model": report.get("metrics"), "baselines": report.get("baselines")}
     return None
 
 
