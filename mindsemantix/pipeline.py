@@ -79,7 +79,8 @@ class MindSemantixPipeline:
             from mindsemantix.models.diffusion import Reconstructor, SamplingConfig, load_stable_diffusion
 
             pipe = load_stable_diffusion(diffusion, scheduler=self.settings.get("scheduler", "ddim"))
-            self.reconstructor = Reconstructor(pipe, SamplingConfig(**self.settings.get("sampling", {})))
+            self.reconstructor = Reconstructor(pipe, SamplingConfig(**self.settings.get("sampling", {})),
+                                               resolution=self.settings.get("resolution"))
 
     # -- decoding --------------------------------------------------------------------------------
 
