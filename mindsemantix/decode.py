@@ -59,7 +59,52 @@ def read_image_ids(path: str | Path, n: int) -> np.ndarray:
     return ids
 
 
-def load_inputs(spec, root: Path, subject: str, files: list[str], mask: str | None, image_ids_csv: str | None):
+def expand_betas(paths: list[str]) -> list[str]:
+    """A folder stands for its NSD session files `betas_sessionNN.hdf5` / `.nii.gz` (one per session,
+    the .hdf5 where both exist), in session order."""
+    import re
+
+    out: list[str] = []
+    for p in paths:
+        if not Path(p).is_dir():
+            out.append(p)
+            continue
+        found: dict[int, Path] = {}
+        for f in Path(p).iterdir():
+            m = re.fullmatch(r"betas_session(\d+)\.(nii\.gz|hdf5)", f.name)
+            if m and (int(m.group(1)) not in found or m.group(2) == "hdf5"):
+                found[int(m.group(1))] = f
+        if not found:
+            raise ValueError(f"{p}: a folder given to --betas must hold betas_sessionNN.nii.gz / .hdf5 files")
+        out += [str(found[n]) for n in sorted(found)]
+    return out
+
+
+def design_image_ids(design_path: str | Path, subject: str, files: list[str], lengths: list[int]) -> np.ndarray:
+    """Image id (0-based NSD id) of every trial of NSD session files `betas_sessionNN.*`, from the
+    release's `nsd_expdesign.mat`: session NN of subject `subjXX` holds its trials (NN-1)*750+1 ..."""
+    import re
+
+    from mindsemantix.data.nsd import TRIALS_PER_SESSION, load_design
+
+    m = re.search(r"subj(\d+)$", subject)
+    if not m:
+        raise ValueError(f"--nsd-design: subject {subject!r} is not named subjXX as in NSD")
+    trial_ids = load_design(design_path).trial_nsd_ids(int(m.group(1)))
+    out = []
+    for f, n in zip(files, lengths):
+        session = re.search(r"betas_session(\d+)\.", Path(f).name)
+        if not session:
+            raise ValueError(f"{f}: --nsd-design needs NSD session files named betas_sessionNN (use --average-by otherwise)")
+        start = (int(session.group(1)) - 1) * TRIALS_PER_SESSION
+        if start + n > len(trial_ids):
+            raise ValueError(f"{f}: {n} trials from trial {start + 1} on, but {design_path} orders {len(trial_ids)}")
+        out.append(trial_ids[start:start + n])
+    return np.concatenate(out).astype(np.int64)
+
+
+def load_inputs(spec, root: Path, subject: str, files: list[str], mask: str | None, image_ids_csv: str | None,
+                nsd_design: str | None = None):
     """-> (z (T, V) float32 as the shards store it, image ids (T,) or None): every file read in the
     subject's ROI and z-scored as one session."""
     import nibabel as nib
@@ -77,7 +122,8 @@ def load_inputs(spec, root: Path, subject: str, files: list[str], mask: str | No
             raise BundleError(f"{mask}: not the ROI {subject} was trained on (mask mismatch: other voxels)")
     sessions = [read_volumes(f, roi_img, roi_index) for f in files]  # each (T_i, V) percent signal change
     total = sum(len(s) for s in sessions)
-    ids = read_image_ids(image_ids_csv, total) if image_ids_csv else None
+    ids = (read_image_ids(image_ids_csv, total) if image_ids_csv else
+           design_image_ids(nsd_design, subject, files, [len(x) for x in sessions]) if nsd_design else None)
     held_out = np.asarray(spec.held_out_image_ids, dtype=np.int64)
     parts, start = [], 0
     for f, betas in zip(files, sessions):
@@ -135,9 +181,18 @@ def decode(args: argparse.Namespace) -> Path:
     if args.subject not in subjects:  # every input is checked before the models load
         raise BundleError(f"subject {args.subject!r} is not in {args.model} (it decodes "
                           f"{', '.join(sorted(subjects))}); a new subject needs `mindsemantix adapt`")
-    z, ids = load_inputs(SubjectSpec(**subjects[args.subject]), root, args.subject, args.betas, args.mask, args.average_by)
+    if args.average_by and args.nsd_design:
+        raise BundleError("give either --average-by or --nsd-design, not both")
+    spec = SubjectSpec(**subjects[args.subject])
+    args.betas = expand_betas(args.betas)
+    z, ids = load_inputs(spec, root, args.subject, args.betas, args.mask, args.average_by, args.nsd_design)
     trials = parse_trials(args.trials, len(z)) if args.trials else list(range(1, len(z) + 1))
-    x, keys, rows = group_trials(z, trials, ids, args.subject, average=args.average_by is not None)
+    if args.held_out_only:
+        if ids is None:
+            raise BundleError("--held-out-only needs the image of each trial (--average-by or --nsd-design)")
+        held_out = set(spec.held_out_image_ids)
+        trials = [t for t in trials if int(ids[t - 1]) in held_out]
+    x, keys, rows = group_trials(z, trials, ids, args.subject, average=ids is not None)
     if not len(x):
         raise BundleError("no trial to decode (with --average-by: none of the selected trials has an image id)")
     pipe = MindSemantixPipeline.from_pretrained(root, load_diffusion=args.images)
@@ -153,7 +208,7 @@ def decode(args: argparse.Namespace) -> Path:
             image.save(buf, format="PNG")
             write_bytes_atomic(folder / "images" / f"{key}.png", buf.getvalue())
         save_grid(folder / "grid.png", out.images, out.captions, keys)
-    print(f"decode: {len(keys)} {'images' if args.average_by else 'trials'} of {args.subject} -> {folder}")
+    print(f"decode: {len(keys)} {'images' if ids is not None else 'trials'} of {args.subject} -> {folder}")
     return folder
 
 
@@ -163,12 +218,17 @@ def decode_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="bundle folder (mindsemantix bundle) or hub id")
     p.add_argument("--subject", required=True, help="a subject the bundle decodes, e.g. subj01")
     p.add_argument("--betas", required=True, action="append", metavar="FILE",
-                   help="a session file (.nii.gz / .nii / .hdf5 / .npy); repeat for several sessions")
+                   help="a session file (.nii.gz / .nii / .hdf5 / .npy), or a folder of NSD session files; "
+                        "repeat for several sessions")
     p.add_argument("--mask", default=None, help="the subject's ROI as a NIfTI in the betas' space (default: the bundle's)")
     p.add_argument("--trials", default=None, help="1-based trials over the inputs in order, e.g. 1-750 or 3,5,10-12")
     p.add_argument("--average-by", default=None, metavar="IMAGE_IDS.csv",
                    help="CSV trial,image_id: average the repetitions of each image (and keep the model's test "
                         "images out of the z-score statistics, as training did)")
+    p.add_argument("--nsd-design", default=None, metavar="nsd_expdesign.mat",
+                   help="NSD's experimental design: the image of each trial of betas_sessionNN files (as --average-by)")
+    p.add_argument("--held-out-only", action="store_true",
+                   help="decode only the trials of the model's held-out test images (needs --average-by or --nsd-design)")
     p.add_argument("--out", required=True, help="output folder: captions.jsonl, images/, grid.png")
     p.add_argument("--images", action=argparse.BooleanOptionalAction, default=True, help="reconstruct images too")
     p.add_argument("--batch-size", type=int, default=32)

@@ -128,7 +128,56 @@ def plan(scale: str, seed: int, subjects: int, run: str, root: Path = REPO) -> l
                      "--model.init_args.diffusion", str(toy_sd), "--model.init_args.captions", str(runs / "align" / "captions.jsonl")),
              runs / "reconstruct" / "predict" / "reconstructions.json", output=runs / "reconstruct" / "predict"),
         *eval_steps(run, shards, toy_sd, root),
+        *decode_steps(run, nsd, shards, root),
     ]
+
+
+DECODE_SUBJECT = "subj01"
+
+
+def decode_steps(run: str, nsd: Path, shards: Path, root: Path = REPO) -> list[Step]:
+    """The trained run as a bundle (after the report, so its model card carries the metrics), and
+    `mindsemantix decode` on the simulated release's session files of one subject: its held-out test
+    images, each the mean of its repetitions, exactly as `predict` saw them (`decode_check`)."""
+    from mindsemantix.data.nsd import NSDLayout
+
+    py = [sys.executable, "-m", "mindsemantix.cli"]
+    runs = root / "runs" / run
+    layout = NSDLayout(nsd)
+    return [
+        Step("bundle", [*py, "bundle", "--run", str(runs), "--out", str(runs / "bundle"), "--data", str(shards)],
+             runs / "bundle" / "model_index.json", output=runs / "bundle", after=("evaluate + report",)),
+        Step("decode a subject's sessions",
+             [*py, "decode", "--model", str(runs / "bundle"), "--subject", DECODE_SUBJECT,
+              "--betas", str(layout.betas_dir(1)), "--nsd-design", str(layout.expdesign), "--held-out-only",
+              "--out", str(runs / "decoded")],
+             runs / "decoded" / "captions.jsonl", output=runs / "decoded", after=("bundle", "simulate study")),
+    ]
+
+
+def decode_check(run_dir: Path, shards: Path, subject: str = DECODE_SUBJECT) -> dict:
+    """Do `mindsemantix decode`'s captions equal stage 2's `predict` captions for the same images?
+    Compared where the decoded repetitions are exactly the sample's (its trials in the shards)."""
+    from mindsemantix.data.shards import SampleReader, ShardDataset
+
+    decoded = {r["key"]: r for r in map(json.loads, (run_dir / "decoded" / "captions.jsonl").read_text().splitlines())}
+    predicted = {r["key"]: r["caption"] for r in map(json.loads, (run_dir / "align" / "captions.jsonl").read_text().splitlines())}
+    reader, same, differ, other_trials = SampleReader(), [], [], []
+    try:
+        for ref in ShardDataset(shards, verify="none").samples("test"):
+            if ref.key not in decoded or ref.key not in predicted:
+                continue
+            # decode numbers trials over its inputs, the subject's sessions 1..N in order: NSD's own numbering
+            if sorted(reader.json(ref, "meta")["trials"]) != sorted(decoded[ref.key]["trials"]):
+                other_trials.append(ref.key)
+            elif decoded[ref.key]["caption"] == predicted[ref.key]:
+                same.append(ref.key)
+            else:
+                differ.append(ref.key)
+    finally:
+        reader.close()
+    return {"subject": subject, "compared": len(same) + len(differ), "equal": len(same), "differ": differ,
+            "other_repetitions": other_trials}
 
 
 def eval_steps(run: str, shards: Path, toy_sd: Path | None, root: Path = REPO) -> list[Step]:
@@ -306,6 +355,15 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{_show(data)}, runs in {_show(root / 'runs' / run)}, report in {_show(report)}", flush=True)
     run_steps(steps, report / "demo_timings.json", force=args.force, records_path=root / "runs" / ".demo_steps.json")
     print(f"\ndemo: report in {_show(report)}/eval.md\n{summarize(report)}", flush=True)
+    runs = root / "runs" / run
+    if not args.eval_only and (runs / "decoded" / "captions.jsonl").is_file():
+        check = decode_check(runs, data / "shards")
+        write_json_atomic(report / "decode_check.json", check)
+        verdict = ("all equal" if check["compared"] and not check["differ"] else
+                   f"{len(check['differ'])} DIFFER: {', '.join(check['differ'][:5])}" if check["differ"] else "none compared")
+        print(f"\ndemo: bundle in {_show(runs / 'bundle')}; `mindsemantix decode` of {check['subject']}'s sessions: "
+              f"{check['equal']} of {check['compared']} test images decode to the caption `predict` wrote ({verdict})",
+              flush=True)
     return 0
 
 

@@ -79,7 +79,8 @@ class MindSemantixPipeline:
             from mindsemantix.models.diffusion import Reconstructor, SamplingConfig, load_stable_diffusion
 
             pipe = load_stable_diffusion(diffusion, scheduler=self.settings.get("scheduler", "ddim"))
-            self.reconstructor = Reconstructor(pipe, SamplingConfig(**self.settings.get("sampling", {})))
+            self.reconstructor = Reconstructor(pipe, SamplingConfig(**self.settings.get("sampling", {})),
+                                               resolution=self.settings.get("resolution"))
 
     # -- decoding --------------------------------------------------------------------------------
 
@@ -322,7 +323,7 @@ def _eval_summary(run: Path) -> dict[str, Any] | None:
     for candidate in (run.parent.parent / "reports" / run.name / "eval.json", run / "eval.json"):
         if candidate.is_file():
             report = json.loads(candidate.read_text())
-            return {"model": report.get("model"), "baselines": report.get("baselines")}
+            return {"model": report.get("metrics"), "baselines": report.get("baselines")}
     return None
 
 

@@ -162,3 +162,31 @@ def test_decode_nifti_equals_npy_and_bad_inputs_fail_in_one_line(run, tmp_path, 
     np.save(tmp_path / "nan.npy", nan)
     fails(["--subject", "subj01", "--betas", str(tmp_path / "nan.npy")], "NaN/inf")
     assert not (tmp_path / "bad").exists()  # nothing written on failure
+
+
+def test_decode_nsd_sessions_by_design_keeps_the_held_out_images(run, tmp_path, monkeypatch):
+    """A folder of NSD session files + the release's design: trials are grouped by the image each
+    showed (sessions in order, NSD's trial numbering), and --held-out-only keeps the test images."""
+    from mindsemantix.simulate.nsd_layout import write_expdesign
+
+    monkeypatch.setenv("MINDSEMANTIX_BF16", "0")
+    bundle = tmp_path / "b"
+    MindSemantixPipeline.from_run(run["run"], data=run["data"], load_diffusion=False).save_pretrained(bundle)
+    held_out = json.loads((bundle / "model_index.json").read_text())["subjects"]["subj01"]["held_out_image_ids"]
+    assert held_out == [13, 14, 15, 16]  # the tiny dataset's test images
+    order = np.arange(1500) % 20 + 1                                  # 1-based indices into subjectim
+    order[:6] = [14, 1, 15, 14, 2, 20]                                # session 1: ids 13, 0, 14, 13, 1, 19
+    order[750:756] = [16, 14, 3, 3, 17, 5]                            # session 2: ids 15, 13, 2, 2, 16, 4
+    subjectim = np.tile(np.arange(1, 21), (2, 1))                     # image k of a subject = 73k id k + 1
+    write_expdesign(tmp_path / "design.mat", order, subjectim, np.arange(14, 18), n_sessions=2)
+    folder = tmp_path / "betas"
+    for session, seed in ((1, 0), (2, 1)):
+        nii, _, _ = _write_session(tmp_path / f"s{session}", run["data"], "subj01", n_trials=6, seed=seed)
+        folder.mkdir(exist_ok=True)
+        shutil.move(nii, folder / f"betas_session{session:02d}.nii.gz")
+    assert cli_main(["decode", "--model", str(bundle), "--subject", "subj01", "--betas", str(folder),
+                     "--nsd-design", str(tmp_path / "design.mat"), "--held-out-only", "--no-images",
+                     "--out", str(tmp_path / "o")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "o" / "captions.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["trials"]) for r in rows] == [("subj01-000013", [1, 4, 8]), ("subj01-000014", [3]),
+                                                       ("subj01-000015", [7]), ("subj01-000016", [11])]

@@ -16,7 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["simulate study", "convert corpus", "convert study", "train toy SD", "stage 1: pretrain",
          "stage 2: align (representation)", "stage 2: align (generative)", "stage 2: captions",
-         "stage 3: reconstruct (fit)", "stage 3: reconstruct (predict)", "baselines", "evaluate + report"]
+         "stage 3: reconstruct (fit)", "stage 3: reconstruct (predict)", "baselines", "evaluate + report",
+         "bundle", "decode a subject's sessions"]
 
 
 def make(target: str, root: Path, *variables: str) -> subprocess.CompletedProcess:
@@ -73,6 +74,20 @@ def test_tiny_demo_runs_every_step_and_writes_the_report(tiny_demo):
     pictures = [p.name for p in report.iterdir() if p.suffix == ".png"]
     assert len(pictures) >= 3, pictures
     assert "beat" in result.stdout  # the closing summary: model against the best baseline per metric
+
+    # the run as a bundle, and `mindsemantix decode` on subj01's session files: its test images
+    # decode to the captions stage 2's predict wrote (same inputs, same model)
+    bundle = run / "bundle"
+    assert {"model_index.json", "README.md", "captioner", "latent_head", "diffusion"} <= {p.name for p in bundle.iterdir()}
+    assert str(root) not in (bundle / "model_index.json").read_text()
+    assert "BLEU-4" in (bundle / "README.md").read_text()  # the model card carries the run's metrics
+    check = json.loads((report / "decode_check.json").read_text())
+    subj01_test = [k for k in test_keys if k.startswith("subj01-")]
+    assert check["compared"] + len(check["other_repetitions"]) == len(subj01_test) and check["compared"] > 0
+    assert check["differ"] == [], check
+    decoded = (run / "decoded" / "captions.jsonl").read_text().splitlines()
+    assert sorted(p.stem for p in (run / "decoded" / "images").glob("*.png")) == sorted(json.loads(r)["key"] for r in decoded)
+    assert "decode to the caption `predict` wrote (all equal)" in result.stdout
 
 
 def test_rerunning_reuses_finished_steps_and_eval_names_a_missing_run(tiny_demo):

@@ -4,9 +4,11 @@ checkpoints and exports without frozen weights, the export round trip, and predi
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -75,7 +77,7 @@ def test_fit_keeps_frozen_parts_out_of_checkpoints_and_export(stage3_inputs):
     assert {"train/latent_mse", "val/latent_mse"} <= set(t.callback_metrics)
     assert any(not torch.equal(before[k], v) for k, v in m.head.state_dict().items())  # the head trained
     assert torch.equal(frozen_before, m.sd["unet"].conv_in.weight)     # SD did not
-    assert len(m._targets) > 0                                          # VAE latents cached per image id
+    assert m.latent_cache is not None and len(m.latent_cache.rows) == 12 + 4 + 5  # VAE latents, once per image id
 
     state = torch.load(next((s["root"] / "fit").rglob("*.ckpt")), weights_only=True)["state_dict"]
     assert state and all(k.startswith("head.") for k in state)          # no sd.*, brain.* in the checkpoint
@@ -249,3 +251,53 @@ def test_fit_with_the_contrastive_term_and_the_cache(stage3_inputs, tmp_path):
     assert all(v.shape == m.brain.shape() for v in m.brain.cache.values())
     with pytest.raises(ValueError, match="contrastive_temperature"):
         model(s, contrastive_weight=0.1, contrastive_temperature=0.0)
+
+
+def test_resolution_sets_the_latent_the_targets_and_the_images(stage3_inputs, tmp_path):
+    """`resolution` is real: 32 px on a SD whose native size is 16 gives 16x16 latents, targets encoded
+    from the seen images resized to 32, and 32 px reconstructions; a size the UNet cannot take is refused."""
+    s = stage3_inputs
+    m = model(s, resolution=32, variants=["latent_only", "full"], predict_dir=str(tmp_path / "p"))
+    assert m.latent_shape == (4, 16, 16) and m.resolution == 32
+    dm = datamodule(s)
+    dm.setup()
+    latents, _ = m.targets(next(iter(dm.train_dataloader())))
+    assert latents.shape[1:] == (4, 16, 16)
+    trainer(tmp_path / "t").predict(m, datamodule=datamodule(s))
+    assert load_png(next((tmp_path / "p" / "full").glob("*.png"))).shape == (3, 32, 32)
+    assert load_png(next((tmp_path / "p" / "latent_only").glob("*.png"))).shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        model(s, resolution=18)
+
+
+def test_seen_image_latents_are_computed_once_in_batches_and_memory_mapped(stage3_inputs, tmp_path):
+    from mindsemantix.stages.reconstruct import LatentCache
+
+    s = stage3_inputs
+    data = Path(s["data"])
+    shutil.rmtree(data / ".mindsemantix-latents", ignore_errors=True)
+    calls = []
+
+    def counted(m):
+        original = m.reconstructor.encode_images
+        m.reconstructor.encode_images = lambda images: calls.append(len(images)) or original(images)
+        return m
+
+    m = counted(model(s))
+    trainer(tmp_path / "a", 2, val_check_interval=2).fit(m, datamodule=datamodule(s))
+    n_images = 12 + 4 + 5                                             # both subjects saw the same image ids
+    assert sum(calls) == n_images and max(calls) == 16                # every seen image once, in batches
+    files = list((data / ".mindsemantix-latents").glob("*.npy"))
+    assert len(files) == 1 and isinstance(m.latent_cache.array, np.memmap)
+    dm = datamodule(s)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    one = m.reconstructor.encode_images(batch["image"][:1])[0]        # alone, as the targets were before
+    torch.testing.assert_close(m.latent_cache.get([int(batch["image_id"][0])])[0], one.float(), atol=1e-5, rtol=1e-4)
+    calls.clear()
+    again = counted(model(s))                                         # a restart / another run on the same data
+    trainer(tmp_path / "b", 2, val_check_interval=2).fit(again, datamodule=datamodule(s))
+    assert calls == []                                                # read from the cache, nothing re-encoded
+    # another resolution is another cache, never a wrong one
+    assert LatentCache.for_datasets([data], model(s, resolution=32).reconstructor, s["sd"]).path != \
+        LatentCache.for_datasets([data], m.reconstructor, s["sd"]).path

@@ -175,13 +175,20 @@ class Reconstructor:
     """The three reconstruction variants over one frozen Stable Diffusion pipeline.
 
     `pipe` is a `StableDiffusionPipeline` (see `load_stable_diffusion`); the img2img pipeline shares
-    its modules. Images come back as uint8 (B, 3, R, R) at the model's native resolution R
-    (`resolution`); latents are scaled latents (B, C, R / f, R / f).
+    its modules. Images come back as uint8 (B, 3, R, R) at `resolution` R (default: the UNet's
+    native size; seen images are resized to it before encoding); latents are scaled latents (B, C, R / f, R / f).
     """
 
-    def __init__(self, pipe, sampling: SamplingConfig | None = None):
+    def __init__(self, pipe, sampling: SamplingConfig | None = None, resolution: int | None = None):
         from diffusers import StableDiffusionImg2ImgPipeline
 
+        native = pipe.unet.config.sample_size * vae_scale_factor(pipe.vae)
+        # the VAE halves the size per level, the UNet's down blocks halve the latent again
+        multiple = vae_scale_factor(pipe.vae) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        if resolution is not None and (resolution <= 0 or resolution % multiple):
+            raise ValueError(f"resolution {resolution}: this Stable Diffusion needs a multiple of {multiple} "
+                             f"(its native size is {native})")
+        self._resolution = resolution or native
         self.text2img = pipe
         components = {k: v for k, v in pipe.components.items() if k != "requires_safety_checker"}
         self.img2img = StableDiffusionImg2ImgPipeline(**components, requires_safety_checker=False)
@@ -198,7 +205,8 @@ class Reconstructor:
 
     @property
     def resolution(self) -> int:
-        return self.text2img.unet.config.sample_size * vae_scale_factor(self.vae)
+        """Image size of the latents, text-to-image samples and targets: the setting, or the UNet's native size."""
+        return self._resolution
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

@@ -22,16 +22,20 @@ holds the losses. `predict` returns, per key, the captions used and the images o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mindsemantix.export import load_export, reference, resolve_reference
+from mindsemantix.io import write_json_atomic
 from mindsemantix.models.diffusion import VARIANTS, Reconstructor, SamplingConfig, load_stable_diffusion, pipeline_modules
 from mindsemantix.models.latent_head import EXPORT_KIND, BrainRepresentation, LatentHead, LatentHeadConfig
 from mindsemantix.stages.base import StageModule
@@ -39,6 +43,84 @@ from mindsemantix.stages.base import StageModule
 log = logging.getLogger(__name__)
 
 REFERENCE_CAPTIONS = "reference"  # `captions: reference` prompts with a reference caption (an oracle)
+
+
+class LatentCache:
+    """The scaled VAE latents of every seen image of some datasets, computed once in batches and kept
+    as a memory-mapped `.npy` (N, C, h, w) float32 + a JSON of the image ids, under a name made from
+    the datasets' manifests, the VAE (config, source, a checksum of its weights) and the resolution,
+    so another VAE or resolution never reads it. Written atomically (the JSON last)."""
+
+    def __init__(self, path: Path):
+        self.path = path                       # <folder>/<key>: <key>.npy + <key>.json
+        self.rows: dict[int, int] = {}
+        self.array: np.ndarray | None = None
+
+    @classmethod
+    def for_datasets(cls, roots, reconstructor: Reconstructor, source: str, folder: str | None = None) -> "LatentCache":
+        vae = reconstructor.vae
+        h = hashlib.sha256()
+        for root in roots:
+            h.update((Path(root) / "manifest.json").read_bytes())
+        params = list(vae.parameters())
+        h.update(json.dumps({"vae": dict(vae.config), "source": str(source), "resolution": reconstructor.resolution,
+                             "dtype": str(vae.dtype)}, sort_keys=True, default=str).encode())
+        for p in (params[0], params[-1]):  # a cheap checksum of the weights: first and last tensors
+            h.update(p.detach().float().cpu().numpy().tobytes())
+        if folder is None:
+            folder = Path(roots[0]) / ".mindsemantix-latents"
+            if not os.access(Path(roots[0]), os.W_OK):
+                folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mindsemantix" / "latents"
+        return cls(Path(folder) / h.hexdigest()[:24])
+
+    def exists(self) -> bool:
+        return self.path.with_suffix(".json").is_file() and self.path.with_suffix(".npy").is_file()
+
+    @torch.no_grad()
+    def build(self, roots, reconstructor: Reconstructor, batch_size: int = 16) -> None:
+        from tqdm.auto import tqdm
+
+        from mindsemantix.data.shards import FIELD_EXT, SampleReader, ShardDataset
+
+        refs: dict[int, Any] = {}  # image id -> one sample showing it
+        for root in roots:
+            dataset = ShardDataset(root, verify="none")
+            for split in dataset.splits:
+                for ref in dataset.samples(split):
+                    if FIELD_EXT["image"] in ref.members and ref.image_id >= 0:  # image-less corpora have none
+                        refs.setdefault(ref.image_id, ref)
+        ids = sorted(refs)
+        C, h, w = reconstructor.latent_shape
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.parent / f".{self.path.name}.{os.getpid()}.npy"
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(ids), C, h, w))
+        reader = SampleReader()
+        try:
+            for start in tqdm(range(0, len(ids), batch_size), desc="stage 3: VAE latents of the seen images",
+                              unit="batch", leave=False):
+                chunk = ids[start:start + batch_size]
+                images = torch.stack([torch.from_numpy(reader.image(refs[i])).permute(2, 0, 1) for i in chunk])
+                out[start:start + len(chunk)] = reconstructor.encode_images(images).float().cpu().numpy()
+        finally:
+            reader.close()
+        out.flush()
+        del out
+        os.replace(tmp, self.path.with_suffix(".npy"))
+        write_json_atomic(self.path.with_suffix(".json"), {"image_ids": ids, "resolution": reconstructor.resolution})
+        log.info("latent cache: %d images -> %s", len(ids), self.path.with_suffix(".npy"))
+
+    def open(self) -> "LatentCache":
+        ids = json.loads(self.path.with_suffix(".json").read_text())["image_ids"]
+        self.rows = {int(i): r for r, i in enumerate(ids)}
+        self.array = np.load(self.path.with_suffix(".npy"), mmap_mode="r")
+        return self
+
+    def __contains__(self, image_id: int) -> bool:
+        return image_id in self.rows
+
+    def get(self, ids: list[int]) -> Tensor:
+        """(B, C, h, w) float32 latents of these image ids."""
+        return torch.from_numpy(np.stack([self.array[self.rows[i]] for i in ids]))
 
 
 def latent_infonce(pred: Tensor, target: Tensor, image_ids: Tensor, temperature: float) -> Tensor:
@@ -66,7 +148,13 @@ class BrainReconstruct(StageModule):
     diffusion: Stable Diffusion, hub id (`stable-diffusion-v1-5/stable-diffusion-v1-5`) or a local
         diffusers folder (`data/toyworld/toy_sd`, from data_recipes/toy_diffusion.py); frozen.
     diffusion_dtype: "float32" | "float16" | "bfloat16" for the SD weights (fp16 on GPUs).
-    resolution: image size the latents are taken at (default: the UNet's native size).
+    resolution: image size of everything stage 3 makes: the seen images are resized to it before the
+        VAE encodes them, the latent is resolution / 8 (SD) on a side, and images are sampled at it
+        (default: the UNet's native size, 512 for SD 1.5).
+    latent_cache: where the seen images' VAE latents are computed once, in batches, before training
+        (a memory-mapped `.npy` per dataset, VAE and resolution): "auto" = a `.mindsemantix-latents/`
+        folder in the dataset (or the user cache folder where it is read-only), a folder, or null
+        (encode each image when first met, kept in memory).
     head: LatentHead fields (token_dim, hidden, dropout).
     contrastive_weight: weight of a batch-contrastive term on the latent (symmetric InfoNCE between
         predicted and true latents, flattened, cosine / `contrastive_temperature`; other samples of
@@ -103,6 +191,7 @@ class BrainReconstruct(StageModule):
     def __init__(self, align_export: str, diffusion: str = "data/toyworld/toy_sd", diffusion_dtype: str = "float32",
                  resolution: int | None = None, head: dict[str, Any] | None = None,
                  contrastive_weight: float = 0.0, contrastive_temperature: float = 0.1, cache_brain: bool = False,
+                 latent_cache: str | None = "auto",
                  image_embedding: str | None = None, embedding_weight: float = 0.0, n_candidates: int = 1,
                  combine_candidates: str = "mean", captions: str | None = None,
                  sampling: dict[str, Any] | None = None, scheduler: str = "ddim",
@@ -133,11 +222,9 @@ class BrainReconstruct(StageModule):
         self.contrastive_weight, self.contrastive_temperature = contrastive_weight, contrastive_temperature
 
         pipe = load_stable_diffusion(diffusion, dtype=getattr(torch, diffusion_dtype), scheduler=scheduler)
-        self.reconstructor = Reconstructor(pipe, SamplingConfig(**(sampling or {})))
+        self.reconstructor = Reconstructor(pipe, SamplingConfig(**(sampling or {})), resolution=resolution)
         self.sd = nn.ModuleDict(pipeline_modules(pipe))  # registered so .to(device) moves them; frozen
-        self.resolution = resolution or self.reconstructor.resolution
-        if self.resolution != self.reconstructor.resolution:
-            log.warning("resolution %d differs from the UNet's native %d", self.resolution, self.reconstructor.resolution)
+        self.resolution = self.reconstructor.resolution
         self.latent_shape = self.reconstructor.latent_shape
 
         self.vision = None
@@ -170,6 +257,8 @@ class BrainReconstruct(StageModule):
         if unknown:
             raise ValueError(f"variants: unknown {unknown}; known: {list(VARIANTS)}")
         self._targets: dict[int, tuple[Tensor, Tensor | None]] = {}  # image id -> (latent, embedding), CPU
+        self.latent_cache_setting = latent_cache
+        self.latent_cache: LatentCache | None = None
         self._captions: dict[str, str] | None = None
 
     # -- frozen parts stay in eval mode --------------------------------------------------------------
@@ -180,6 +269,19 @@ class BrainReconstruct(StageModule):
             if frozen is not None:
                 frozen.eval()
         return self
+
+    def setup(self, stage: str) -> None:
+        """Before fit / validate / test: the seen images' latents, computed once per dataset (rank 0
+        computes, the others wait and read the same file)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "predict" or self.latent_cache_setting is None or not hasattr(datamodule, "roots"):
+            return
+        cache = LatentCache.for_datasets(datamodule.roots, self.reconstructor, self.diffusion_source,
+                                         None if self.latent_cache_setting == "auto" else self.latent_cache_setting)
+        if self.trainer.is_global_zero and not cache.exists():
+            cache.build(datamodule.roots, self.reconstructor)
+        self.trainer.strategy.barrier("latent cache")
+        self.latent_cache = cache.open()
 
     # -- forward pieces ------------------------------------------------------------------------------
 
@@ -194,6 +296,8 @@ class BrainReconstruct(StageModule):
         if "image" not in batch:
             raise KeyError("stage 3 needs the seen images: add `image` to data.init_args.fields")
         ids = batch["image_id"].tolist()
+        if self.latent_cache is not None and self.vision is None and all(i in self.latent_cache for i in ids):
+            return self.latent_cache.get(ids).to(self.device), None
         todo = [i for i, image_id in enumerate(ids) if image_id not in self._targets]
         if todo:
             # one image at a time: a batched convolution's last bits depend on the batch it runs in, and
