@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mindsemantix.io import atomic_dir
+from mindsemantix.io import atomic_dir, read_format_json
 
 EXPORT_FORMAT = "mindsemantix-export/1"
 
@@ -52,12 +52,7 @@ def load_export(folder: str | Path, kind: str | None = None) -> tuple[dict[str, 
     for p in (cfg_path, weights_path):
         if not p.is_file():
             raise ExportError(f"export {folder} is incomplete: {p.name} is missing")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"export {folder}: config.json is not valid JSON ({e})") from e
-    if config.get("format") != EXPORT_FORMAT:
-        raise ExportError(f"export {folder}: unknown format {config.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    config = read_format_json(cfg_path, EXPORT_FORMAT, ExportError, f"export {folder}: config.json")
     if kind is not None and config.get("kind") != kind:
         raise ExportError(f"export {folder} holds a {config.get('kind')!r}, expected a {kind!r}")
     try:

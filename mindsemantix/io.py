@@ -65,3 +65,17 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_format_json(path: str | os.PathLike, fmt: str, error: type[Exception], label: str | None = None) -> dict[str, Any]:
+    """A JSON object whose "format" must be `fmt` (manifests, exports, bundles); a problem raises
+    `error` with one line naming `label` (default: the path)."""
+    label = label or str(path)
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{label}: not valid JSON ({e})") from None
+    found = data.get("format") if isinstance(data, dict) else None
+    if found != fmt:
+        raise error(f"{label}: unknown format {found!r}, expected {fmt!r}")
+    return data

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from mindsemantix.export import load_export, reference, resolve_reference
-from mindsemantix.io import atomic_dir
+from mindsemantix.io import atomic_dir, read_format_json
 from mindsemantix.models.captioner import BrainCaptioner
 from mindsemantix.models.latent_head import LatentHead
 
@@ -238,13 +238,7 @@ def read_index(root: Path) -> dict[str, Any]:
     index_path = root / INDEX
     if not index_path.is_file():
         raise BundleError(f"{root}: not a MindSemantix bundle ({INDEX} is missing)")
-    try:
-        index = json.loads(index_path.read_text())
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{index_path}: not valid JSON ({e})") from None
-    if index.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{index_path}: unknown format {index.get('format')!r}, expected {BUNDLE_FORMAT!r}")
-    return index
+    return read_format_json(index_path, BUNDLE_FORMAT, BundleError)
 
 
 def to_pil(image: torch.Tensor):

@@ -189,7 +189,10 @@ class BrainCaptioner(nn.Module):
             config["readout"] = {"dim": self.readout.dim, "subjects": {s: int(m.weight.shape[0])
                                                                        for s, m in self.readout.maps.items()}}
         if self.bridge is not None:
-            tensors.update({f"bridge.{k}": v for k, v in self.bridge.state_dict().items()})
+            # the projection and the LoRA adapters, trained; the LLM's own weights come from its source.
+            # Not bridge.state_dict(): that leaves out whatever is frozen now (all of it after from_pretrained)
+            tensors.update({f"bridge.{k}": v for k, v in all_tensors(self.bridge).items()
+                            if not k.startswith("llm.") or ".lora_" in k})
             config["llm"] = {**asdict(self.llm), "hidden_size": self.bridge.proj.out_features}
         return save_export(folder, EXPORT_KIND, config, tensors)
 
