@@ -444,20 +444,11 @@ class BrainEncoder(nn.Module):
     def n_tokens(self, subject: str) -> int:
         return self._tokenizer(subject).n_patches
 
-    def token_centroids_mm(self, subject: str) -> Tensor:
-        """(N, 3) each token's patch centroid in mm (relative to the ROI centroid with center_coords)."""
-        return self._tokenizer(subject).centroids_mm
-
     def subject_parameters(self, name: str) -> Iterator[nn.Parameter]:
         """The parameters that belong to subject `name` alone (tokenizer, subject embedding, head)."""
         yield from self._tokenizer(name).parameters()
         if self.decoder is not None:
             yield from self.decoder.heads[name].parameters()
-
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters used by every subject (backbone, positional MLPs, decoder body)."""
-        subject_ids = {id(p) for s in self.subjects for p in self.subject_parameters(s)}
-        return (p for p in self.parameters() if id(p) not in subject_ids)
 
     def freeze_except_subjects(self, subjects: Iterable[str]) -> list[nn.Parameter]:
         """Freeze the shared parts and all other subjects; return the parameters left trainable.

@@ -36,8 +36,6 @@ from torch import nn
 
 from mindsemantix.io import atomic_path
 
-SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SD21 = "stabilityai/stable-diffusion-2-1-base"
 VARIANTS = ("caption_only", "latent_only", "full")
 
 SCHEDULERS = {  # name -> diffusers class name; DDIM with eta=0 makes sampling deterministic given the noise

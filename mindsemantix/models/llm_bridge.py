@@ -82,7 +82,7 @@ class LLMBridge(nn.Module):
             raise ValueError(f"query_group must be >= 1, got {query_group}")
         self.query_group = int(query_group)
         self.tokenizer = tokenizer
-        self.prompt, self.max_caption_tokens, self.lora_config = prompt, int(max_caption_tokens), lora
+        self.prompt, self.max_caption_tokens = prompt, int(max_caption_tokens)
         llm.requires_grad_(False)
         if lora:
             from peft import LoraConfig, inject_adapter_in_model

@@ -642,31 +642,3 @@ def caption_word_targets(captions: list[list[str]], tokenizer, vocab: int | Tens
                 if i in column:
                     targets[n, column[i]] += 1.0 / len(caps)
     return vocab, torch.from_numpy(targets)
-
-
-def save_tiny_wordpiece_tokenizer(folder, words=None):
-    """Write a BERT-style WordPiece tokenizer over a few words to `folder` (for tests and dry runs:
-    its ~70-entry vocabulary makes the ITG head ~400x cheaper than BERT's 30522). Returns the folder."""
-    from pathlib import Path
-
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    from mindsemantix.models.llm_bridge import TINY_WORDS
-
-    specials = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab = {w: i for i, w in enumerate(specials + sorted(set(words or TINY_WORDS) - set(specials)))}
-    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    backend.decoder = decoders.WordPiece()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
-                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    folder = Path(folder)
-    tokenizer.save_pretrained(str(folder))
-    return folder
-
-
-__all__ += ["save_tiny_wordpiece_tokenizer"]
