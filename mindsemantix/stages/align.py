@@ -32,13 +32,13 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from mindsemantix.export import load_export
-from mindsemantix.io import write_bytes_atomic
+from mindsemantix.io import gather_rows, write_bytes_atomic
 from mindsemantix.models.brain_encoder import BrainEncoder
+from mindsemantix.models.frozen_features import FrozenFeatures
 from mindsemantix.models.captioner import (DEFAULT_GENERATION, EXPORT_KIND, RERANK_SCORES, TINY_RANDOM_LLM,  # noqa: F401 (re-exported)
                                            BrainCaptioner, LLMSettings, brain_encoder_path, build_bridge, load_llm)
 from mindsemantix.models.llm_bridge import LLMBridge, exclude_frozen_weights
@@ -123,7 +123,7 @@ class BrainAlign(StageModule):
             if vision_encoder is None:
                 raise ValueError("loss_weights.vision > 0 needs a vision_encoder")
             self.vision_encoder = exclude_frozen_weights(load_vision_encoder(vision_encoder).requires_grad_(False))
-        self._vision_cache: dict[int, Tensor] = {}
+        self._vision_cache = FrozenFeatures(pooled=lambda image: self.vision_encoder(image).pooled)
 
         if init_from:  # the export's architecture, weights and brain encoder
             if qformer:
@@ -254,15 +254,7 @@ class BrainAlign(StageModule):
         """(B, vision_dim) pooled features of the seen images, computed once per image id."""
         if "image" not in batch:
             raise KeyError("the brain-vision loss needs the seen images: add `image` to data.init_args.fields")
-        ids = batch["image_id"].tolist()
-        todo = [i for i, image_id in enumerate(ids) if image_id not in self._vision_cache]
-        if todo:
-            # one image at a time: batched convolutions' last bits depend on the batch, and a resumed run
-            # meets an image in another batch than the uninterrupted run (exact resume)
-            pooled = torch.cat([self.vision_encoder(im[None]).pooled for im in batch["image"][todo]]).float().cpu()
-            for i, feat in zip(todo, pooled):
-                self._vision_cache[ids[i]] = feat
-        return torch.stack([self._vision_cache[i] for i in ids]).to(self.device)
+        return self._vision_cache(batch["image_id"], batch["image"], self.device)["pooled"]
 
     # -- losses --------------------------------------------------------------------------------------
 
@@ -374,11 +366,7 @@ class CaptionWriter(Callback):
         self.rows.extend(outputs)
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        rows = self.rows
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[list[dict[str, str]] | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in (part or [])]
+        rows = gather_rows(self.rows)
         if trainer.is_global_zero:
             path = self.path or Path(trainer.default_root_dir) / "captions.jsonl"
             by_key = {r["key"]: r["caption"] for r in rows}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from mindsemantix.io import write_json_atomic
+from mindsemantix.numerics import warmup_cosine
 
 
 def fused_adamw_ok(params) -> bool | None:
@@ -149,14 +149,7 @@ class StageModule(L.LightningModule):
     def with_schedule(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Lightning's optimizer dict: `optimizer` under warm-up + cosine, stepped every batch."""
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(self.warmup_steps, total // 2)
-
-        def lr_factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
+        lr_factor = warmup_cosine(min(self.warmup_steps, total // 2), total, self.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from mindsemantix.export import load_export, reference, resolve_reference
 from mindsemantix.models.diffusion import VARIANTS, Reconstructor, SamplingConfig, load_stable_diffusion, pipeline_modules
+from mindsemantix.models.frozen_features import FrozenFeatures
 from mindsemantix.models.latent_head import EXPORT_KIND, BrainRepresentation, LatentHead, LatentHeadConfig
 from mindsemantix.stages.base import StageModule
 
@@ -169,7 +170,8 @@ class BrainReconstruct(StageModule):
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise ValueError(f"variants: unknown {unknown}; known: {list(VARIANTS)}")
-        self._targets: dict[int, tuple[Tensor, Tensor | None]] = {}  # image id -> (latent, embedding), CPU
+        self._targets = FrozenFeatures(latent=self.reconstructor.encode_images,
+                                       **({"embedding": lambda image: self.vision(image).pooled} if self.vision else {}))
         self._captions: dict[str, str] | None = None
 
     # -- frozen parts stay in eval mode --------------------------------------------------------------
@@ -193,20 +195,8 @@ class BrainReconstruct(StageModule):
         computed once per image id and kept on the CPU."""
         if "image" not in batch:
             raise KeyError("stage 3 needs the seen images: add `image` to data.init_args.fields")
-        ids = batch["image_id"].tolist()
-        todo = [i for i, image_id in enumerate(ids) if image_id not in self._targets]
-        if todo:
-            # one image at a time: a batched convolution's last bits depend on the batch it runs in, and
-            # a resumed run meets an image in a different batch than the uninterrupted run did
-            images = batch["image"][todo]
-            latents = torch.cat([self.reconstructor.encode_images(im[None]) for im in images]).float().cpu()
-            embeds = (torch.cat([self.vision(im[None]).pooled for im in images]).float().cpu()
-                      if self.vision is not None else [None] * len(todo))
-            for i, lat, emb in zip(todo, latents, embeds):
-                self._targets[ids[i]] = (lat, emb)
-        latents = torch.stack([self._targets[i][0] for i in ids]).to(self.device)
-        embeds = torch.stack([self._targets[i][1] for i in ids]).to(self.device) if self.vision is not None else None
-        return latents, embeds
+        found = self._targets(batch["image_id"], batch["image"], self.device)
+        return found["latent"], found.get("embedding")
 
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         pred = self(batch["fmri"], batch["subject"])
