@@ -55,7 +55,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from mindsemantix.models.diffusion import SmallSDConfig, freeze_pipeline, key_generators, small_stable_diffusion
+from mindsemantix.models.diffusion import (SmallSDConfig, freeze_pipeline, key_generators, small_stable_diffusion, to_uint8,
+                                          to_unit)
+from mindsemantix.numerics import warmup_cosine
 
 log = logging.getLogger("toy_diffusion")
 
@@ -197,15 +199,6 @@ def _autocast(device: torch.device, enabled: bool | None):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _lr_lambda(warmup: int, total: int, floor: float = 0.1):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -214,11 +207,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def images_to_unit(images: np.ndarray | torch.Tensor, resolution: int) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float [-1, 1] (N, 3, R, R)."""
-    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    if x.shape[-1] != resolution:
-        x = nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False,
-                                      antialias=True)
-    return x
+    return to_unit(torch.as_tensor(images).permute(0, 3, 1, 2), resolution)
 
 
 def object_mask(x: torch.Tensor) -> torch.Tensor:
@@ -244,7 +233,7 @@ def train_vae(vae, images: torch.Tensor, recipe: ToySDRecipe, device: torch.devi
     g = torch.Generator().manual_seed(recipe.seed)
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(50, recipe.vae_steps // 10), recipe.vae_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(min(50, recipe.vae_steps // 10), recipe.vae_steps))
     losses, start = [], time.time()
     with _progress(recipe.vae_steps, "toy SD: VAE", progress) as bar:
         for step in range(recipe.vae_steps):
@@ -335,7 +324,7 @@ def pretrain_text_encoder(pipe, latent_mean: torch.Tensor, prompts: list[list[st
     text_encoder.train().requires_grad_(True)
     params = list(text_encoder.parameters()) + list(readout.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.text_pretrain_lr, weight_decay=0.01, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(50, recipe.text_pretrain_steps // 10), recipe.text_pretrain_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(min(50, recipe.text_pretrain_steps // 10), recipe.text_pretrain_steps))
     rng, g = np.random.default_rng(recipe.seed + 2), torch.Generator().manual_seed(recipe.seed + 2)
     losses, start = [], time.time()
     with _progress(recipe.text_pretrain_steps, "toy SD: text encoder", progress) as bar:
@@ -384,7 +373,7 @@ def train_unet(pipe, latent_mean: torch.Tensor, latent_std: torch.Tensor, prompt
         {"params": list(unet.parameters()), "lr": recipe.unet_lr},
         {"params": list(text_encoder.parameters()), "lr": recipe.text_lr},
     ], weight_decay=0.01, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.warmup_steps, recipe.unet_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(recipe.warmup_steps, recipe.unet_steps))
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params] if recipe.ema_decay else None
     losses, start = [], time.time()
@@ -580,7 +569,7 @@ def measure_faithfulness(pipe, scenes: list, recipe: ToySDRecipe, images: np.nda
         x = images_to_unit(images, res).to(pipe.vae.device)
         with torch.no_grad():
             rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
-        rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        rec = to_uint8((rec + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
         result["vae_reconstruction"] = attribute_accuracy(rec, scenes)
         result["vae_pixcorr"] = float(np.mean([np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in
                                                zip(rec.astype(np.float64), _resize_uint8(images, res).astype(np.float64))]))
@@ -592,7 +581,7 @@ def _resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
     if images.shape[1] == size:
         return np.asarray(images)
     x = images_to_unit(np.asarray(images), size)
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return to_uint8((x + 1) / 2).permute(0, 2, 3, 1).numpy()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """Command line: `mindsemantix` (also installed as `lightning`).
 
     mindsemantix fit|validate|test|predict --config stages/<stage>.yaml [--overrides] [--debug]   (LightningCLI;
-        errors are one line naming the cause, --debug or MINDSEMANTIX_DEBUG=1 shows the traceback)
+        errors are one line naming the cause, --debug or MINDSEMANTIX_DEBUG=1 shows the traceback;
+        the stages: --model BrainMAE | BrainAlign | BrainReconstruct, their settings: --model.help BrainAlign)
     mindsemantix data inspect DIR [--no-checksums] [--deep]
     mindsemantix score-captions --predictions P.jsonl --references R.jsonl --out M.json
     mindsemantix score-images --predictions DIR --targets DIR --out M.json
-    mindsemantix evaluate ...                                                          (see `make eval`)
+    mindsemantix baselines --data DIR --out DIR [--diffusion SD]                       (chance and ridge baselines)
+    mindsemantix report --out reports/<run> --predictions P.jsonl --baselines-dir DIR  (eval.json, eval.md, pictures)
     mindsemantix bundle --run runs/<run> --out DIR                                     (a shareable model)
     mindsemantix decode --model DIR --subject subj01 --betas FILE --out DIR            (new fMRI)
 """
@@ -14,8 +16,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 # Non-Lightning subcommands: name -> module with `main(argv) -> int`.
@@ -23,10 +28,47 @@ TOOLS = {
     "data": "mindsemantix.cli",
     "score-captions": "mindsemantix.eval.captions",
     "score-images": "mindsemantix.eval.images",
-    "evaluate": "mindsemantix.eval.report",
+    "baselines": "mindsemantix.eval.baselines",
+    "report": "mindsemantix.eval.report",
+    "evaluate": "mindsemantix.eval.report",  # the report's earlier name
     "bundle": "mindsemantix.decode:bundle_main",
     "decode": "mindsemantix.decode:main",
 }
+
+
+# Messages that every run would print and that say nothing about this run, silenced by their text
+# (anything else still shows): warnings, by the start of the message...
+QUIET_WARNINGS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # torch's pytree API change, inside Lightning
+    r"Found \d+ module\(s\) in eval mode at the start of training",  # the frozen LLM / SD / vision encoder: on purpose
+)
+# ... and log records, by logger and a part of the message
+QUIET_LOGS = {
+    "lightning.pytorch.utilities.rank_zero": "💡 Tip:",  # Lightning's adverts for litlogger / litmodels
+    "transformers.utils.import_utils": "requires torchvision (not installed); falling back to",  # we pass tensors
+}
+
+
+class DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet() -> None:
+    """Silence QUIET_WARNINGS and QUIET_LOGS in this process (subprocesses of DDP inherit nothing: they
+    run this entry point again). Also: an option that is only the start of a real one (`num_beam` for
+    `num_beams`, in a nested setting too) is an error, not jsonargparse's deprecation warning."""
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.filterwarnings("error", message=r"\s*Option '\S+' was expanded to")
+    for name, text in QUIET_LOGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropMessage) and f.text == text for f in logger.filters):
+            logger.addFilter(DropMessage(text))
 
 
 def data_main(argv: list[str]) -> int:
@@ -136,11 +178,48 @@ def add_run_csv_logger(cfg, subcommand: str | None) -> None:
         cfg.trainer.logger = [csv, *loggers]
 
 
+def step_progress_bar():
+    """Lightning's default (Rich) progress bar, whose epoch reads `Epoch 2/-2` when a run is limited
+    by `max_steps` (max_epochs -1): there the last epoch is the one that reaches max_steps."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    class StepProgressBar(RichProgressBar):
+        def _get_train_description(self, current_epoch: int) -> str:
+            trainer = self.trainer
+            if trainer.max_epochs not in (None, -1) or trainer.max_steps < 0:
+                return super()._get_train_description(current_epoch)
+            per_epoch = trainer.num_training_batches / max(1, trainer.accumulate_grad_batches)
+            last = math.ceil(trainer.max_steps / per_epoch) - 1 if 0 < per_epoch < math.inf else None
+            text = f"Epoch {current_epoch}" + (f"/{last}" if last is not None else "")
+            return f"{text:{len(self.validation_description)}}" if len(self.validation_description) > len(text) else text
+
+    return StepProgressBar()
+
+
+def null_settings_to_defaults(model_cfg) -> None:
+    """`null` for a typed setting of a stage (`encoder`, `generation`, `head`, ...: arguments whose
+    default is a dataclass) means its defaults, as it did when they were dicts (configs and saved
+    config.yaml files of earlier runs say `encoder: null`)."""
+    import dataclasses
+    import inspect
+
+    init_args = model_cfg.get("init_args") if hasattr(model_cfg, "get") else None
+    class_path = model_cfg.get("class_path") if hasattr(model_cfg, "get") else None
+    if not init_args or not class_path:
+        return
+    module, _, name = class_path.rpartition(".")
+    stage = getattr(importlib.import_module(module), name)
+    for arg, param in inspect.signature(stage.__init__).parameters.items():
+        if dataclasses.is_dataclass(param.default) and arg in init_args and init_args[arg] is None:
+            del init_args[arg]
+
+
 def lightning_cli(args: list[str] | None = None):
-    import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
     from mindsemantix.data.datamodule import BrainDataModule
+    from mindsemantix.stages import align, pretrain, reconstruct  # noqa: F401 (the known stages: `--model BrainMAE`)
+    from mindsemantix.stages.base import StageModule
 
     class MindSemantixCLI(LightningCLI):
         """`trainer.default_root_dir` is the run folder; what lives in it is derived from it after all
@@ -182,10 +261,20 @@ def lightning_cli(args: list[str] | None = None):
 
             from mindsemantix.callbacks import AtomicCheckpointIO
 
-            given = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+            from lightning.pytorch.callbacks import ProgressBar
+            from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+            trainer_config = self._get(self.config_init, "trainer", default={})
+            given = trainer_config.get("plugins") or []
             given = list(given) if isinstance(given, (list, tuple)) else [given]
             if not any(isinstance(p, CheckpointIO) for p in given):
                 kwargs["plugins"] = [*given, AtomicCheckpointIO()]
+            # Lightning's default bar, with an epoch count that makes sense for a max_steps run
+            callbacks = trainer_config.get("callbacks") or []
+            callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+            if (trainer_config.get("enable_progress_bar") is not False and _RICH_AVAILABLE
+                    and not any(isinstance(c, ProgressBar) for c in callbacks)):
+                kwargs["callbacks"] = [*callbacks, step_progress_bar()]
             trainer = super().instantiate_trainer(**kwargs)
             # Checkpoints live in <run>/checkpoints whatever the loggers (Lightning would put them under
             # the first logger's folder), so `--ckpt_path last` and SLURM requeues always find them.
@@ -198,12 +287,13 @@ def lightning_cli(args: list[str] | None = None):
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             if cfg.trainer.precision is None:
                 cfg.trainer.precision = auto_precision(cfg.trainer.accelerator)
+            null_settings_to_defaults(cfg.get("model"))
             add_run_csv_logger(cfg, self.subcommand)
 
     from mindsemantix.callbacks import DataSkipReport, Preemption
 
     return MindSemantixCLI(
-        L.LightningModule, BrainDataModule, subclass_mode_model=True,
+        StageModule, BrainDataModule, subclass_mode_model=True,
         trainer_defaults={"callbacks": [Preemption(), DataSkipReport()]},
         seed_everything_default=0, save_config_kwargs={"overwrite": True}, args=args,
         parser_kwargs={"prog": "mindsemantix"},
@@ -262,6 +352,7 @@ def run_lightning(argv: list[str], from_console: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet()
     from_console = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in TOOLS:

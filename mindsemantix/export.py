@@ -26,7 +26,7 @@ class ExportError(RuntimeError):
 
 
 def save_export(folder: str | Path, kind: str, config: dict[str, Any],
-                tensors: dict[str, torch.Tensor], extra_files: dict[str, bytes] | None = None) -> Path:
+                tensors: dict[str, torch.Tensor]) -> Path:
     """Write `folder/config.json` (`{"format", "kind", **config}`) and `folder/model.safetensors`.
 
     `kind` names what the export holds (e.g. "brain_encoder", "brain_qformer"), so a stage that is
@@ -36,8 +36,6 @@ def save_export(folder: str | Path, kind: str, config: dict[str, Any],
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_dir(folder) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": EXPORT_FORMAT, "kind": kind})
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
         # config.json last: its presence marks a complete folder even for non-atomic copies.
         (tmp / "config.json").write_text(json.dumps({"format": EXPORT_FORMAT, "kind": kind, **config}, indent=2) + "\n")
     return folder

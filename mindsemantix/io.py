@@ -3,6 +3,7 @@
 Files are written to a temporary sibling and renamed into place (rename is atomic on POSIX within a
 file system). Folders are built under a temporary sibling name and renamed as a whole; readers
 treat a folder as complete only when its marker file (e.g. manifest.json, model.safetensors) exists.
+Under several processes outputs are gathered on every rank (`gather_rows`) and written by rank 0.
 """
 
 from __future__ import annotations
@@ -79,3 +80,14 @@ def read_format_json(path: str | os.PathLike, fmt: str, error: type[Exception], 
     if found != fmt:
         raise error(f"{label}: unknown format {found!r}, expected {fmt!r}")
     return data
+
+
+def gather_rows(rows: list[Any]) -> list[Any]:
+    """Every rank's rows, on every rank (`rows` itself where there is one process), for rank 0 to write."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[list[Any] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, rows)
+        return [r for part in gathered for r in (part or [])]
+    return rows

@@ -1,11 +1,13 @@
 """Numerics shared by the models, the stages and the evaluation: closed-form ridge regression with a
-leave-one-out penalty, and the masked-voxel correlation of stage 1. Plain numpy / torch, no project
-imports, so every layer can use it."""
+leave-one-out penalty, the masked-voxel correlation of stage 1, and the warm-up + cosine learning-rate
+schedule. Plain numpy / torch, no project imports, so every layer can use it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
+
+import math
 
 import numpy as np
 import torch
@@ -96,3 +98,16 @@ def masked_pearson(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor)
     t = target - (target * m).sum(1, keepdim=True) / n[:, None]
     cov = (p * t * m).sum(1)
     return cov / ((p.pow(2) * m).sum(1).sqrt() * (t.pow(2) * m).sum(1).sqrt()).clamp_min(1e-8)
+
+
+def warmup_cosine(warmup: int, total: int, floor: float = 0.1) -> Callable[[int], float]:
+    """The learning-rate factor of each step (for `LambdaLR`): linear warm-up to 1 over `warmup`
+    steps, then cosine decay to `floor` at step `total`, and `floor` after it."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor

@@ -17,22 +17,12 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
-from mindsemantix.io import atomic_path, write_json_atomic
+from mindsemantix.io import atomic_path, gather_rows, write_json_atomic
 from mindsemantix.models.diffusion import save_png, save_reconstruction_grid
 
 log = logging.getLogger(__name__)
-
-
-def gather_rows(rows: list[Any]) -> list[Any]:
-    """Every rank's rows, on every rank (a plain list where there is one process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list[list[Any] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, rows)
-        return [r for part in gathered for r in (part or [])]
-    return rows
 
 
 class ReconstructionWriter(Callback):
@@ -153,4 +143,4 @@ def plot_mae_reconstruction(sample: dict[str, Any], mask_path: str | Path, out: 
     return out
 
 
-__all__ = ["ReconstructionWriter", "MAEReconstructionPlot", "plot_mae_reconstruction", "score_reconstructions", "gather_rows"]
+__all__ = ["ReconstructionWriter", "MAEReconstructionPlot", "plot_mae_reconstruction", "score_reconstructions"]

@@ -11,11 +11,10 @@ import lightning as L
 import pytest
 import torch
 
-from helpers import TINY_QFORMER, write_tiny_exports
+from helpers import TINY_QFORMER, save_tiny_wordpiece_tokenizer, write_tiny_exports
 from mindsemantix.data.datamodule import BrainDataModule
 from mindsemantix.export import load_export
 from mindsemantix.models.llm_bridge import LLMBridge, tiny_random_causal_lm
-from mindsemantix.models.qformer import save_tiny_wordpiece_tokenizer
 from mindsemantix.stages.align import BrainAlign, CaptionWriter
 
 CAPTIONS = ["a red circle", "two blue squares on the left", "a small green star", "three white crosses",

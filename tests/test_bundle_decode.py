@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import save_tiny_wordpiece_tokenizer
 from mindsemantix.cli import main as cli_main
 from mindsemantix.data.datamodule import BrainDataModule
 from mindsemantix.models.brain_encoder import BrainEncoder, BrainEncoderConfig
 from mindsemantix.models.diffusion import SmallSDConfig, load_png, small_stable_diffusion
-from mindsemantix.models.qformer import save_tiny_wordpiece_tokenizer
 from mindsemantix.pipeline import BundleError, MindSemantixPipeline
 from mindsemantix.stages.align import BrainAlign
 from mindsemantix.stages.reconstruct import BrainReconstruct

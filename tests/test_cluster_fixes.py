@@ -93,7 +93,7 @@ def test_checkpoints_leave_out_every_parameter_nothing_trains_and_load_back(tmp_
 
     from mindsemantix.data.datamodule import BrainDataModule
     from mindsemantix.models.brain_encoder import BrainEncoder, BrainEncoderConfig
-    from mindsemantix.models.qformer import save_tiny_wordpiece_tokenizer
+    from helpers import save_tiny_wordpiece_tokenizer
     from mindsemantix.stages.align import BrainAlign
 
     dm = BrainDataModule(str(make_tiny_dataset(tmp_path / "data")), batch_size=4)

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helpers import TINY_QFORMER
+from helpers import TINY_QFORMER, save_tiny_wordpiece_tokenizer
 
 from mindsemantix.models.qformer import (BrainQFormer, FeatureQueue, QFormerConfig, contrastive_loss,
                                          gather_across_ranks, multimodal_causal_mask, representation_losses,
-                                         sample_hard_negatives, save_tiny_wordpiece_tokenizer,
+                                         sample_hard_negatives,
                                          vision_alignment_loss)
 
 TINY = {**TINY_QFORMER, "dropout": 0.0}

@@ -37,7 +37,6 @@ import numpy as np
 
 TRIALS_PER_SESSION = 750
 BETA_SCALE = 300.0  # stored int16 betas = percent signal change x 300
-MAX_SESSIONS = 40
 
 
 class NSDError(ValueError):

@@ -1,4 +1,4 @@
-"""The evaluation report (DESIGN.md, Contract 4): `reports/<run>/eval.json`, `eval.md` and pictures.
+"""The evaluation report (docs/formats.md): `reports/<run>/eval.json`, `eval.md` and pictures.
 
 `evaluate_run` scores the model's captions and reconstructions, every baseline and the reference
 ceiling in one run (one METEOR JVM for all of it); `write_report` writes
@@ -89,10 +89,12 @@ def evaluate_run(*, references: str | os.PathLike | Mapping[str, Sequence[str]],
                  image_predictions: Mapping[str, str | os.PathLike] | None = None,
                  ceiling: bool = True, meteor: str = "auto", sentence_encoder: Any = caption_metrics.DEFAULT_SENTENCE_ENCODER,
                  clip_path: str | os.PathLike | None = None, feature_weights: Mapping[str, Any] | None = None,
-                 seed: int | None = None, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 seed: int | None = None, data: Mapping[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """Score the model (`predictions` captions, `image_predictions["model"]` reconstructions), each
     baseline (caption baselines by name; image baselines are the other `image_predictions` names)
-    and the ceiling. Returns the Contract-4 eval dict (see module doc)."""
+    and the ceiling. Returns the eval dict (see module doc). `progress`: a bar per set scored."""
+    from tqdm.auto import tqdm
+
     refs = dict(references) if isinstance(references, Mapping) else caption_metrics.read_references_jsonl(references)
     caption_sets: dict[str, dict[str, str]] = {}
     if predictions is not None:
@@ -104,6 +106,8 @@ def evaluate_run(*, references: str | os.PathLike | Mapping[str, Sequence[str]],
         raise ValueError("image predictions given without the seen images (seen_images)")
 
     seen = image_metrics.read_image_folder(seen_images) if seen_images is not None else None
+    bar = tqdm(total=len(caption_sets) + int(ceiling) + int(bool(image_sets)), desc="scoring", unit="set",
+               disable=not progress)
     scored: dict[str, dict[str, float]] = {}
     per_image: dict[str, dict[str, dict[str, float]]] = {}  # set -> metric -> {key: value}
     implementations: dict[str, Any] = {}
@@ -128,12 +132,16 @@ def evaluate_run(*, references: str | os.PathLike | Mapping[str, Sequence[str]],
             kwargs: dict[str, Any] = {"meteor": jar or meteor, "tokenizer": tokenizer, "clip_path": clip_path,
                                       "sentence_encoder": sentence_encoder, "images": seen if clip_path else None}
             for name, preds in caption_sets.items():
+                bar.set_postfix_str(f"captions: {name}")
                 result = caption_metrics.score_captions(preds, refs, **kwargs)
                 scored.setdefault(name, {}).update(result["metrics"])
                 _add_per_image(per_image, name, result)
                 implementations.setdefault("captions", result["info"])
+                bar.update()
             if ceiling:
+                bar.set_postfix_str("captions: reference ceiling")
                 ceiling_result = caption_metrics.reference_ceiling(refs, **kwargs)
+                bar.update()
         finally:
             if jar is not None:
                 jar.close()
@@ -141,7 +149,10 @@ def evaluate_run(*, references: str | os.PathLike | Mapping[str, Sequence[str]],
     nets, unavailable = build_feature_nets(dict(feature_weights or {})) if image_sets else ([], {})
     image_results = {}
     if image_sets:  # all sets at once: the seen images' share of the metrics is computed once
+        bar.set_postfix_str(f"images: {', '.join(image_sets)}")
         image_results = image_metrics.score_image_folder_sets(image_sets, seen_images, feature_nets=nets)
+        bar.update()
+    bar.close()
     for name, result in image_results.items():
         result["info"]["feature_nets_unavailable"] = unavailable
         scored.setdefault(name, {}).update(result["metrics"])
@@ -519,7 +530,7 @@ def keep_freed_memory() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mindsemantix.eval.report", description="Write eval.json, eval.md and pictures.")
+    p = argparse.ArgumentParser(prog="mindsemantix report", description="Write eval.json, eval.md and pictures.")
     p.add_argument("--out", required=True, help="report folder, e.g. reports/<run>")
     p.add_argument("--run", default="", help="run name shown in eval.md")
     p.add_argument("--predictions", help="the model's captions, JSONL {key, caption}")

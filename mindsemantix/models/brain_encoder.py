@@ -119,6 +119,57 @@ class BrainEncoderConfig:
         return cls(**d)
 
 
+@dataclass(frozen=True)
+class BrainEncoderOverrides:
+    """Changes to a size preset of `BrainEncoderConfig` (stage 1's `encoder` setting); each field
+    left null keeps the preset's value.
+
+    Args:
+        patch_size: voxels per token (consecutive along a Hilbert curve through the ROI).
+        width: encoder width D.
+        depth: encoder blocks.
+        heads: encoder attention heads (must divide width).
+        mlp_ratio: encoder MLP width / D.
+        decoder_width: MAE decoder width.
+        decoder_depth: MAE decoder blocks.
+        decoder_heads: MAE decoder attention heads (must divide decoder_width).
+        decoder_mlp_ratio: MAE decoder MLP width / decoder_width (the preset's null: mlp_ratio).
+        mask_ratio: share of tokens masked in MAE training, in (0, 1).
+        subject_dim: r: each subject maps a patch to r values, then a shared map r -> D.
+        subject_embedding: add a learned per-subject vector to every token.
+        pos_frequencies: Fourier frequencies per axis of the voxel coordinates (wavelengths geometric
+            between the two below).
+        pos_min_wavelength_mm: shortest wavelength in mm.
+        pos_max_wavelength_mm: longest wavelength in mm.
+        center_coords: coordinates relative to the subject's ROI centroid.
+        distance_bias: attention logits minus k_h * (distance between token centroids)^2, k_h learned.
+        layer_norm_eps: LayerNorm epsilon.
+    """
+
+    patch_size: int | None = None
+    width: int | None = None
+    depth: int | None = None
+    heads: int | None = None
+    mlp_ratio: float | None = None
+    decoder_width: int | None = None
+    decoder_depth: int | None = None
+    decoder_heads: int | None = None
+    decoder_mlp_ratio: float | None = None
+    mask_ratio: float | None = None
+    subject_dim: int | None = None
+    subject_embedding: bool | None = None
+    pos_frequencies: int | None = None
+    pos_min_wavelength_mm: float | None = None
+    pos_max_wavelength_mm: float | None = None
+    center_coords: bool | None = None
+    distance_bias: bool | None = None
+    layer_norm_eps: float | None = None
+
+    def changes(self) -> dict[str, Any]:
+        """The fields that are set, for `BrainEncoderConfig.preset(name, **changes)`."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
 PRESETS = {
     "tiny": BrainEncoderConfig(width=64, depth=2, heads=4, mlp_ratio=2.0, decoder_width=32,
                                decoder_depth=1, decoder_heads=2, subject_dim=16),
@@ -444,20 +495,11 @@ class BrainEncoder(nn.Module):
     def n_tokens(self, subject: str) -> int:
         return self._tokenizer(subject).n_patches
 
-    def token_centroids_mm(self, subject: str) -> Tensor:
-        """(N, 3) each token's patch centroid in mm (relative to the ROI centroid with center_coords)."""
-        return self._tokenizer(subject).centroids_mm
-
     def subject_parameters(self, name: str) -> Iterator[nn.Parameter]:
         """The parameters that belong to subject `name` alone (tokenizer, subject embedding, head)."""
         yield from self._tokenizer(name).parameters()
         if self.decoder is not None:
             yield from self.decoder.heads[name].parameters()
-
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters used by every subject (backbone, positional MLPs, decoder body)."""
-        subject_ids = {id(p) for s in self.subjects for p in self.subject_parameters(s)}
-        return (p for p in self.parameters() if id(p) not in subject_ids)
 
     def freeze_except_subjects(self, subjects: Iterable[str]) -> list[nn.Parameter]:
         """Freeze the shared parts and all other subjects; return the parameters left trainable.

@@ -36,8 +36,6 @@ from torch import nn
 
 from mindsemantix.io import atomic_path
 
-SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SD21 = "stabilityai/stable-diffusion-2-1-base"
 VARIANTS = ("caption_only", "latent_only", "full")
 
 SCHEDULERS = {  # name -> diffusers class name; DDIM with eta=0 makes sampling deterministic given the noise
@@ -70,13 +68,21 @@ def load_stable_diffusion(name_or_path: str, *, dtype: torch.dtype = torch.float
     if local_files_only is None:
         local_files_only = local
     pipe = StableDiffusionPipeline.from_pretrained(
-        str(Path(name_or_path).expanduser()) if local else name_or_path, torch_dtype=dtype,
+        str(Path(name_or_path).expanduser()) if local else name_or_path, **{dtype_keyword(): dtype},
         safety_checker=None, requires_safety_checker=False, local_files_only=local_files_only, variant=variant)
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     freeze_pipeline(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def dtype_keyword() -> str:
+    """The name under which the installed diffusers takes the weights' dtype: newer ones renamed
+    `torch_dtype` to `dtype` and warn at the old name (they define `_resolve_dtype` for the change)."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
 
 def make_scheduler(name: str, config):
@@ -164,9 +170,19 @@ def load_png(path: str | Path) -> torch.Tensor:
 
 @dataclass
 class SamplingConfig:
+    """How Stable Diffusion samples the reconstructions.
+
+    Args:
+        num_inference_steps: denoising steps of the full schedule.
+        guidance_scale: classifier-free guidance scale (1: no guidance).
+        strength: img2img: the share of the schedule re-run from the noised predicted latent.
+        negative_prompt: text the guidance steers away from.
+        seed: seed of every key's noise (with the key: a key's image does not depend on its batch).
+    """
+
     num_inference_steps: int = 25
     guidance_scale: float = 5.0
-    strength: float = 0.5  # img2img: fraction of the schedule re-run from the noised latent
+    strength: float = 0.5
     negative_prompt: str = ""
     seed: int = 0
 

@@ -25,11 +25,69 @@ caption positions (`logits_to_keep`), which saves a good part of the step on a C
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How captions are generated (`LLMBridge.generate`, and `BrainCaptioner.caption`'s reranking).
+
+    Args:
+        max_new_tokens: most tokens per caption.
+        min_new_tokens: fewest tokens per caption (EOS is held back until then).
+        num_beams: beam width; 1 is greedy (or sampling with do_sample).
+        do_sample: sample instead of searching (temperature, top_p, top_k apply then).
+        temperature: sampling temperature.
+        top_p: nucleus sampling: the smallest set of tokens with this much probability.
+        top_k: sample among the k likeliest tokens (null: all).
+        repetition_penalty: > 1 makes repeated tokens less likely.
+        length_penalty: beam search's exponent on the length (> 1 favours longer captions).
+        use_cache: keep the LLM's key/value cache while generating (faster, same result).
+        generator_seed: seed for sampling (null: the current random state).
+        rerank: > 1: the LLM proposes this many captions (its best beams, or samples with do_sample)
+            and the one the Q-Former scores as the best match to the brain response is kept.
+        rerank_by: the Q-Former's score for reranking: "itc" (brain-text similarity) or "itm" (its
+            matching head, only where a phase trained it).
+    """
+
+    max_new_tokens: int = 30
+    min_new_tokens: int = 1
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    use_cache: bool = True
+    generator_seed: int | None = None
+    rerank: int = 0
+    rerank_by: Literal["itc", "itm"] = "itc"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapters on the frozen LLM (the fields of peft's `LoraConfig` that we set; the defaults are peft's).
+
+    Args:
+        r: rank of each adapter.
+        lora_alpha: scale of the adapters' output (alpha / r).
+        lora_dropout: dropout on the adapters' input.
+        target_modules: names of the LLM's linear layers that get adapters, e.g. [q_proj, v_proj]
+            (null: peft's choice for the model type).
+        bias: which biases train: "none", "all" or "lora_only".
+    """
+
+    r: int = 8
+    lora_alpha: int = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
 
 
 def exclude_frozen_weights(module: nn.Module) -> nn.Module:
@@ -82,7 +140,7 @@ class LLMBridge(nn.Module):
             raise ValueError(f"query_group must be >= 1, got {query_group}")
         self.query_group = int(query_group)
         self.tokenizer = tokenizer
-        self.prompt, self.max_caption_tokens, self.lora_config = prompt, int(max_caption_tokens), lora
+        self.prompt, self.max_caption_tokens = prompt, int(max_caption_tokens)
         llm.requires_grad_(False)
         if lora:
             from peft import LoraConfig, inject_adapter_in_model
@@ -198,7 +256,7 @@ class LLMBridge(nn.Module):
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
-__all__ = ["LLMBridge", "exclude_frozen_weights"]
+__all__ = ["LLMBridge", "GenerationSettings", "LoraSettings", "exclude_frozen_weights"]
 
 
 # ----------------------------------------------------------------------------------------------

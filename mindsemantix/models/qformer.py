@@ -46,26 +46,47 @@ from mindsemantix.models.pretrained import MINILM, OFFLINE_PREFIX, load_sentence
 
 @dataclass(frozen=True)
 class QFormerConfig:
+    """The Brain Q-Former's architecture (BLIP-2's Q-Former over brain tokens).
+
+    Args:
+        num_queries: learned query tokens (the brain representation's length).
+        num_layers: transformer layers.
+        hidden_size: width (replaced by the text model's when `text_init` is set).
+        num_heads: attention heads (idem).
+        intermediate_size: MLP width (idem).
+        cross_attention_frequency: cross-attention to the brain tokens in every n-th layer (0, n, 2n, ...).
+        embed_dim: the joint brain-text (and brain-vision) space of the contrastive losses.
+        max_text_length: Q-Former tokens per caption, [CLS]/[DEC] and [SEP] included.
+        dropout: dropout in the transformer.
+        text_init: BERT-family encoder whose weights seed the text stream (null: random).
+        tokenizer: WordPiece tokenizer (null: text_init's, else all-MiniLM-L6-v2's).
+        decoder_bos_token: the token that starts ITG's captions (BLIP-2's [DEC]).
+        label_smoothing: of ITC and ITG, as BLIP-2.
+        itg_vocab: "full", or "seen": ITG's softmax over tokens seen in training captions only.
+        text_pooling: ITC's text vector: "cls" (BLIP-2, BERT) or "mean" over tokens (for models
+            trained for mean pooling, e.g. all-MiniLM-L6-v2, whose [CLS] output is the same vector
+            for every caption).
+        train_word_embeddings: false keeps the (pretrained) word-embedding table, also ITG's tied
+            output layer, frozen: on a CPU its dense 30522 x H gradient and AdamW update are most of
+            a small Q-Former's step.
+    """
+
     num_queries: int = 32
     num_layers: int = 12
-    hidden_size: int = 768          # replaced by the text model's width when `text_init` is set
-    num_heads: int = 12             # idem
-    intermediate_size: int = 3072   # idem
-    cross_attention_frequency: int = 2  # cross-attention in layers 0, 2, 4, ...
-    embed_dim: int = 256            # joint brain-text (and brain-vision) space of the contrastive losses
-    max_text_length: int = 32       # Q-Former tokens per caption, [CLS]/[DEC] and [SEP] included
+    hidden_size: int = 768
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    cross_attention_frequency: int = 2
+    embed_dim: int = 256
+    max_text_length: int = 32
     dropout: float = 0.1
-    text_init: str | None = None    # BERT-family encoder whose weights seed the text stream
-    tokenizer: str | None = None    # WordPiece tokenizer; None: text_init's, else all-MiniLM-L6-v2's
-    decoder_bos_token: str = "[unused0]"  # BLIP-2's [DEC]
-    label_smoothing: float = 0.1    # ITC and ITG, as BLIP-2
-    itg_vocab: str = "full"         # "seen": ITG's softmax over tokens seen in training captions only
-    text_pooling: str = "cls"       # ITC's text vector: "cls" (BLIP-2, BERT) or "mean" over tokens
-                                    # (models trained for mean pooling, e.g. all-MiniLM-L6-v2, whose
-                                    # [CLS] output is the same vector for every caption)
-    train_word_embeddings: bool = True  # False keeps the (pretrained) word-embedding table, also ITG's
-                                    # tied output layer, frozen: on a CPU its dense 30522 x H gradient
-                                    # and AdamW update are most of a small Q-Former's step
+    text_init: str | None = None
+    tokenizer: str | None = None
+    decoder_bos_token: str = "[unused0]"
+    label_smoothing: float = 0.1
+    itg_vocab: str = "full"
+    text_pooling: str = "cls"
+    train_word_embeddings: bool = True
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "QFormerConfig":
@@ -642,31 +663,3 @@ def caption_word_targets(captions: list[list[str]], tokenizer, vocab: int | Tens
                 if i in column:
                     targets[n, column[i]] += 1.0 / len(caps)
     return vocab, torch.from_numpy(targets)
-
-
-def save_tiny_wordpiece_tokenizer(folder, words=None):
-    """Write a BERT-style WordPiece tokenizer over a few words to `folder` (for tests and dry runs:
-    its ~70-entry vocabulary makes the ITG head ~400x cheaper than BERT's 30522). Returns the folder."""
-    from pathlib import Path
-
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    from mindsemantix.models.llm_bridge import TINY_WORDS
-
-    specials = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab = {w: i for i, w in enumerate(specials + sorted(set(words or TINY_WORDS) - set(specials)))}
-    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    backend.decoder = decoders.WordPiece()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
-                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    folder = Path(folder)
-    tokenizer.save_pretrained(str(folder))
-    return folder
-
-
-__all__ += ["save_tiny_wordpiece_tokenizer"]

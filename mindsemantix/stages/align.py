@@ -27,30 +27,51 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from mindsemantix.export import load_export
-from mindsemantix.io import write_bytes_atomic
+from mindsemantix.io import gather_rows, write_bytes_atomic
 from mindsemantix.models.brain_encoder import BrainEncoder
-from mindsemantix.models.captioner import (DEFAULT_GENERATION, EXPORT_KIND, RERANK_SCORES, TINY_RANDOM_LLM,  # noqa: F401 (re-exported)
+from mindsemantix.models.frozen_features import FrozenFeatures
+from mindsemantix.models.captioner import (EXPORT_KIND, RERANK_SCORES, TINY_RANDOM_LLM,  # noqa: F401 (re-exported)
                                            BrainCaptioner, LLMSettings, brain_encoder_path, build_bridge, load_llm)
-from mindsemantix.models.llm_bridge import LLMBridge, exclude_frozen_weights
+from mindsemantix.models.llm_bridge import GenerationSettings, LLMBridge, LoraSettings, exclude_frozen_weights
 from mindsemantix.models.pretrained import SMOLLM2, load_vision_encoder
 from mindsemantix.models.qformer import (BrainQFormer, FeatureQueue, QFormerConfig, RidgeReadout,
                                          caption_word_targets, representation_losses, vision_alignment_loss)
-from mindsemantix.stages.base import StageModule
+from mindsemantix.stages.base import StageModule, as_dict, settings
 
 log = logging.getLogger(__name__)
 
 PHASES = ("representation", "generative")
 LOSSES = ("itc", "itm", "itg", "vision", "lm")
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of stage 2's losses; a field left null keeps the phase's default (representation:
+    itc, itm, itg 1, vision 1 with a vision_encoder, lm 0; generative: lm 1, the others 0).
+
+    Args:
+        itc: brain-text contrastive loss (BLIP-2's ITC).
+        itm: brain-text matching loss, with hard negatives (ITM).
+        itg: the Q-Former's own caption decoder (ITG).
+        vision: brain-vision contrastive loss against the frozen vision encoder's features.
+        lm: the frozen LLM's caption loss through the soft prompt.
+    """
+
+    itc: float | None = None
+    itm: float | None = None
+    itg: float | None = None
+    vision: float | None = None
+    lm: float | None = None
 
 
 def default_loss_weights(phase: str, vision: bool) -> dict[str, float]:
@@ -60,52 +81,68 @@ def default_loss_weights(phase: str, vision: bool) -> dict[str, float]:
 
 
 class BrainAlign(StageModule):
-    """Stage-2 LightningModule. Arguments (all settable from the YAML config):
+    """Stage-2 LightningModule (all arguments settable from the YAML config).
 
-    brain_encoder: stage-1 export folder (kind "brain_encoder"). May be omitted with `init_from`.
-    train_brain_encoder: fine-tune it (else frozen; subjects it does not know still get trained
-        input layers). brain_encoder_lr_scale: its learning rate relative to `lr`.
-    phase: "representation" (Q-Former alone) or "generative" (through the frozen LLM).
-    init_from: a brain_align export to start from (phase 1 -> phase 2, or for predicting).
-    qformer: QFormerConfig fields (ignored with `init_from`: the architecture is the export's).
-    loss_weights: overrides of the phase's defaults, keys itc / itm / itg / vision / lm.
-    queue_size: earlier samples kept as extra contrastive negatives (0 = in-batch and other ranks
-        only); used from `queue_start_step` on (default: after warm-up; stale features of a model
-        that is still changing fast stall ITC).
-    readout_dim: > 0 adds the ridge readout (`RidgeReadout`): per-subject closed-form maps from voxels
-        to the word content of the captions (this many frequent tokens), fitted on the training split
-        in `setup`, conditioning the queries. 0 = BLIP-2's Q-Former alone.
-    llm, llm_dtype, prompt, add_bos, max_caption_tokens, lora, query_group: the frozen causal LLM
-        (hub id, path, `offline:smollm2-135m-instruct`), its weight dtype, text after the soft
-        prompt, caption length limit, optional LoRA (peft LoraConfig fields), adjacent queries per
-        soft-prompt vector (`LLMBridge`; 1 = BLIP-2).
-    vision_encoder: frozen image encoder for the brain-vision loss (None: no vision loss).
-    generation: `LLMBridge.generate` settings (max_new_tokens, num_beams, do_sample, ...).
-    lr, weight_decay, warmup_steps, **kwargs: optimisation, `export_dir` (written at the end of
-        fit) and the non-finite-loss policy of StageModule.
+    Args:
+        brain_encoder: stage-1 export folder (kind "brain_encoder"). May be omitted with `init_from`.
+        train_brain_encoder: fine-tune the brain encoder (else frozen; subjects it does not know
+            still get trained input layers).
+        brain_encoder_lr_scale: the brain encoder's learning rate relative to `lr`.
+        phase: "representation" (Q-Former alone) or "generative" (through the frozen LLM).
+        init_from: a brain_align export to start from (phase 1 -> phase 2, or for predicting).
+        qformer: the Q-Former's architecture (fields below); ignored with `init_from`, whose
+            architecture it keeps.
+        loss_weights: changes to the phase's default loss weights (fields below).
+        queue_size: earlier samples kept as extra contrastive negatives (0 = in-batch and other
+            ranks only).
+        queue_start_step: the step from which the queue is used (null: after warm-up; stale
+            features of a model that is still changing fast stall ITC).
+        readout_dim: > 0 adds the ridge readout (`RidgeReadout`): per-subject closed-form maps from
+            voxels to the word content of the captions (this many frequent tokens), fitted on the
+            training split in `setup`, conditioning the queries. 0 = BLIP-2's Q-Former alone.
+        llm: the frozen causal LLM: hub id, local folder, `offline:smollm2-135m-instruct`, or
+            `random:tiny` (a random 2-layer model for tests and dry runs).
+        llm_dtype: the LLM's weight dtype ("float32", "bfloat16", "float16").
+        prompt: text after the soft prompt (e.g. "A photo of"); "" for none.
+        add_bos: start the LLM's input with its BOS token.
+        max_caption_tokens: captions are cut to this many LLM tokens in training.
+        lora: LoRA adapters on the LLM, peft LoraConfig fields r, lora_alpha, lora_dropout,
+            target_modules, bias (e.g. {r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]});
+            null: the LLM untouched.
+        query_group: adjacent queries per soft-prompt vector (`LLMBridge`; 1 = BLIP-2).
+        vision_encoder: frozen image encoder for the brain-vision loss (null: no vision loss).
+        generation: how captions are generated at predict (fields below).
+        lr: AdamW's learning rate.
+        weight_decay: AdamW's weight decay.
+        warmup_steps: steps of linear warm-up before the cosine decay.
+        **kwargs: the other optimisation, export and non-finite-loss settings of StageModule.
     """
 
     frozen_prefixes = ("vision_encoder.",)  # the LLM and brain encoder: see exclude_frozen_weights
 
     def __init__(self, brain_encoder: str | None = None, train_brain_encoder: bool = False,
                  brain_encoder_lr_scale: float = 0.1, phase: str = "representation", init_from: str | None = None,
-                 qformer: dict[str, Any] | None = None, loss_weights: dict[str, float] | None = None,
-                 queue_size: int = 0, queue_start_step: int | None = None, readout_dim: int = 0, llm: str = SMOLLM2, llm_dtype: str = "float32", prompt: str = "",
-                 add_bos: bool = True, max_caption_tokens: int = 32, lora: dict[str, Any] | None = None,
-                 query_group: int = 1, vision_encoder: str | None = None, generation: dict[str, Any] | None = None,
-                 lr: float = 1e-4, weight_decay: float = 0.05, warmup_steps: int = 100, **kwargs: Any):
+                 qformer: QFormerConfig = QFormerConfig(), loss_weights: LossWeights = LossWeights(),
+                 queue_size: int = 0, queue_start_step: int | None = None, readout_dim: int = 0, llm: str = SMOLLM2,
+                 llm_dtype: str = "float32", prompt: str = "", add_bos: bool = True, max_caption_tokens: int = 32,
+                 lora: LoraSettings | None = None, query_group: int = 1, vision_encoder: str | None = None,
+                 generation: GenerationSettings = GenerationSettings(), lr: float = 1e-4, weight_decay: float = 0.05,
+                 warmup_steps: int = 100, **kwargs: Any):
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, **kwargs)
+        # typed settings (a dict from Python or an export is checked here); plain dicts in hyper-parameters
+        qformer_config = settings(QFormerConfig, qformer, "qformer") or QFormerConfig()
+        weight_changes = settings(LossWeights, loss_weights, "loss_weights") or LossWeights()
+        lora = as_dict(settings(LoraSettings, lora, "lora"))
+        generation = as_dict(settings(GenerationSettings, generation, "generation") or GenerationSettings())
+        qformer, loss_weights = as_dict(qformer_config), as_dict(weight_changes)
         self.save_hyperparameters()
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-        unknown = sorted(set(loss_weights or {}) - set(LOSSES))
-        if unknown:
-            raise ValueError(f"loss_weights: unknown {unknown}; known: {list(LOSSES)}")
         self.phase = phase
-        self.weights = {**default_loss_weights(phase, vision_encoder is not None), **(loss_weights or {})}
+        self.weights = {**default_loss_weights(phase, vision_encoder is not None),
+                        **{k: v for k, v in loss_weights.items() if v is not None}}
         self.train_brain_encoder = train_brain_encoder
-        generation = {**DEFAULT_GENERATION, **(generation or {})}
-        if generation.get("rerank_by", "itc") not in RERANK_SCORES:  # before anything is loaded
+        if generation["rerank_by"] not in RERANK_SCORES:  # before anything is loaded
             raise ValueError(f"generation.rerank_by must be one of {RERANK_SCORES}, got {generation['rerank_by']!r}")
 
         init_config, init_tensors = load_export(init_from, EXPORT_KIND) if init_from else ({}, {})
@@ -123,10 +160,10 @@ class BrainAlign(StageModule):
             if vision_encoder is None:
                 raise ValueError("loss_weights.vision > 0 needs a vision_encoder")
             self.vision_encoder = exclude_frozen_weights(load_vision_encoder(vision_encoder).requires_grad_(False))
-        self._vision_cache: dict[int, Tensor] = {}
+        self._vision_cache = FrozenFeatures(pooled=lambda image: self.vision_encoder(image).pooled)
 
         if init_from:  # the export's architecture, weights and brain encoder
-            if qformer:
+            if qformer_config != QFormerConfig():
                 log.warning("init_from is set: the Q-Former architecture comes from %s, `qformer` is ignored", init_from)
             self.captioner = BrainCaptioner.from_export_parts(init_from, init_config, init_tensors, load_llm=False,
                                                               brain_encoder=brain_encoder, llm=llm_settings)
@@ -138,7 +175,7 @@ class BrainAlign(StageModule):
         elif brain_encoder:
             encoder = exclude_frozen_weights(BrainEncoder.from_pretrained(brain_encoder, with_decoder=False))
             vision_dim = self.vision_encoder.dim if self.vision_encoder is not None else None
-            qf = BrainQFormer(QFormerConfig.from_dict(qformer), encoder.config.width, vision_dim)
+            qf = BrainQFormer(qformer_config, encoder.config.width, vision_dim)
             bridge = build_bridge(llm_settings, qf.config.hidden_size, qf.config.num_queries) if llm_settings else None
             self.captioner = BrainCaptioner(encoder, qf, None, bridge, llm_settings, generation)
             self.brain_encoder_changed, self.brain_encoder_source = False, str(brain_encoder)
@@ -254,15 +291,7 @@ class BrainAlign(StageModule):
         """(B, vision_dim) pooled features of the seen images, computed once per image id."""
         if "image" not in batch:
             raise KeyError("the brain-vision loss needs the seen images: add `image` to data.init_args.fields")
-        ids = batch["image_id"].tolist()
-        todo = [i for i, image_id in enumerate(ids) if image_id not in self._vision_cache]
-        if todo:
-            # one image at a time: batched convolutions' last bits depend on the batch, and a resumed run
-            # meets an image in another batch than the uninterrupted run (exact resume)
-            pooled = torch.cat([self.vision_encoder(im[None]).pooled for im in batch["image"][todo]]).float().cpu()
-            for i, feat in zip(todo, pooled):
-                self._vision_cache[ids[i]] = feat
-        return torch.stack([self._vision_cache[i] for i in ids]).to(self.device)
+        return self._vision_cache(batch["image_id"], batch["image"], self.device)["pooled"]
 
     # -- losses --------------------------------------------------------------------------------------
 
@@ -374,11 +403,7 @@ class CaptionWriter(Callback):
         self.rows.extend(outputs)
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        rows = self.rows
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[list[dict[str, str]] | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in (part or [])]
+        rows = gather_rows(self.rows)
         if trainer.is_global_zero:
             path = self.path or Path(trainer.default_root_dir) / "captions.jsonl"
             by_key = {r["key"]: r["caption"] for r in rows}

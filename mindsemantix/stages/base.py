@@ -5,16 +5,41 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import os
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import torch
 import torch.distributed as dist
 
 from mindsemantix.io import write_json_atomic
+from mindsemantix.numerics import warmup_cosine
+
+
+S = TypeVar("S")
+
+
+def settings(cls: type[S], value: S | dict[str, Any] | None, name: str) -> S | None:
+    """A stage's typed setting from what it was given: the dataclass itself (LightningCLI builds it
+    from the config, where a misspelt key already fails), a dict of its fields (the Python API,
+    exports' config.json), or None. A dict with a key the dataclass lacks fails here, naming it."""
+    if value is None or isinstance(value, cls):
+        return value
+    if is_dataclass(value):
+        value = asdict(value)
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ValueError(f"{name}: unknown setting(s) {unknown}; known: {known}")
+    return cls(**value)
+
+
+def as_dict(value: Any) -> Any:
+    """A dataclass setting as a plain dict (checkpoints' hyper-parameters stay loadable with
+    weights_only=True, exports' config.json stays JSON); anything else unchanged."""
+    return asdict(value) if is_dataclass(value) and not isinstance(value, type) else value
 
 
 def fused_adamw_ok(params) -> bool | None:
@@ -27,17 +52,21 @@ class StageModule(L.LightningModule):
     """Base of BrainMAE, BrainAlign and BrainReconstruct.
 
     Args:
-        lr, weight_decay, betas: AdamW over the parameters that require gradients.
-        warmup_steps: linear warm-up, then cosine decay to `lr * min_lr_ratio` at the last step.
-        export_dir: where the stage's export (Contract 3) is written at the end of `fit` (rank 0);
+        lr: AdamW's learning rate (the parameters that require gradients; a stage may scale groups).
+        weight_decay: AdamW's weight decay (matrices only; not biases, norms, scales).
+        betas: AdamW's betas.
+        warmup_steps: steps of linear warm-up, then cosine decay to `lr * min_lr_ratio` at the last step.
+        min_lr_ratio: the learning rate at the last step, relative to `lr`.
+        export_dir: where the stage's export (docs/formats.md) is written at the end of `fit` (rank 0);
             default `<trainer.default_root_dir>/export`.
         nonfinite_loss: "skip" drops a batch whose loss is NaN/inf on any rank (all ranks skip it
             together, so DDP stays in step) and counts it; "stop" raises with the batch's keys.
         max_consecutive_nonfinite: with "skip", stop the run (FloatingPointError) once this many
             steps in a row were skipped: a diverged run must not export its weights as trained.
-        max_nonfinite_share, nonfinite_window: with "skip", also stop once more than this share of
-            the last `nonfinite_window` training batches was skipped. The export's config.json
-            records the count under `training.skipped_nonfinite_steps`.
+        max_nonfinite_share: with "skip", also stop once more than this share of the last
+            `nonfinite_window` training batches was skipped. The export's config.json records the
+            count under `training.skipped_nonfinite_steps`.
+        nonfinite_window: the number of recent batches `max_nonfinite_share` looks at.
     Subclasses set `frozen_prefixes` (state-dict key prefixes of frozen pretrained parts, e.g.
     ("llm.",)): those weights are never written into checkpoints and need not be in them to load.
     """
@@ -149,14 +178,7 @@ class StageModule(L.LightningModule):
     def with_schedule(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Lightning's optimizer dict: `optimizer` under warm-up + cosine, stepped every batch."""
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(self.warmup_steps, total // 2)
-
-        def lr_factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
+        lr_factor = warmup_cosine(min(self.warmup_steps, total // 2), total, self.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torchmetrics import MeanMetric
 
-from mindsemantix.models.brain_encoder import BrainEncoder, BrainEncoderConfig
+from mindsemantix.models.brain_encoder import BrainEncoder, BrainEncoderConfig, BrainEncoderOverrides
 from mindsemantix.numerics import masked_pearson  # noqa: F401 (re-exported)
-from mindsemantix.stages.base import StageModule
+from mindsemantix.stages.base import StageModule, as_dict, settings
 
 
 class BrainMAE(StageModule):
@@ -24,7 +24,7 @@ class BrainMAE(StageModule):
 
     Args:
         preset: size preset of BrainEncoderConfig ("tiny", "base", "large").
-        encoder: overrides of the preset's fields (e.g. {"depth": 8, "mask_ratio": 0.75}).
+        encoder: changes to the preset's fields (e.g. {depth: 8, mask_ratio: 0.75}; fields below).
         init_from: a stage-1 export to start from (continue pretraining, or add subjects to it).
         train_only_new_subjects: with `init_from`, freeze everything except the input layers and
             output heads of subjects the export does not have (fitting a new subject).
@@ -36,17 +36,21 @@ class BrainMAE(StageModule):
             specific to a subject's voxels (e.g. its low-rank noise and response covariance).
         n_plot_samples: validation samples kept in `plot_batch` for `mae_reconstruction.png`
             (written by the `mindsemantix.writers.MAEReconstructionPlot` callback).
-        **kwargs: optimisation / export settings of StageModule (lr, warmup_steps, export_dir, ...).
+        lr: AdamW's learning rate.
+        weight_decay: AdamW's weight decay.
+        **kwargs: the other optimisation / export settings of StageModule (warmup_steps, export_dir, ...).
     """
 
-    def __init__(self, preset: str = "tiny", encoder: dict[str, Any] | None = None, init_from: str | None = None,
+    def __init__(self, preset: str = "tiny", encoder: BrainEncoderOverrides = BrainEncoderOverrides(), init_from: str | None = None,
                  train_only_new_subjects: bool = False, val_mask_seed: int = 1234, n_plot_samples: int = 3,
                  subject_lr_scale: float = 1.0, lr: float = 2.5e-4, weight_decay: float = 0.05, **kwargs: Any):
         super().__init__(lr=lr, weight_decay=weight_decay, **kwargs)
+        overrides = settings(BrainEncoderOverrides, encoder, "encoder") or BrainEncoderOverrides()
+        encoder = as_dict(encoder)  # hyper-parameters stay plain
         self.save_hyperparameters()
         if train_only_new_subjects and not init_from:
             raise ValueError("train_only_new_subjects needs init_from: the export whose shared part stays frozen")
-        self.config = BrainEncoderConfig.preset(preset, **(encoder or {}))
+        self.config = BrainEncoderConfig.preset(preset, **overrides.changes())
         self.encoder = BrainEncoder.from_pretrained(init_from, with_decoder=True) if init_from else BrainEncoder(self.config)
         if init_from:
             self.config = self.encoder.config

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,9 @@ from torch import Tensor, nn
 from mindsemantix.export import load_export, reference, resolve_reference
 from mindsemantix.io import write_json_atomic
 from mindsemantix.models.diffusion import VARIANTS, Reconstructor, SamplingConfig, load_stable_diffusion, pipeline_modules
+from mindsemantix.models.frozen_features import FrozenFeatures
 from mindsemantix.models.latent_head import EXPORT_KIND, BrainRepresentation, LatentHead, LatentHeadConfig
-from mindsemantix.stages.base import StageModule
+from mindsemantix.stages.base import StageModule, as_dict, settings
 
 log = logging.getLogger(__name__)
 
@@ -137,68 +139,93 @@ def latent_infonce(pred: Tensor, target: Tensor, image_ids: Tensor, temperature:
     return (nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.T, labels)) / 2
 
 
+@dataclass(frozen=True)
+class LatentHeadSettings:
+    """The latent head's chosen sizes (`LatentHeadConfig` less what the data and models fix).
+
+    Args:
+        token_dim: each brain token is reduced to this many values before they are concatenated.
+        hidden: width of the residual MLP.
+        dropout: dropout on the reduced tokens and in the MLP.
+    """
+
+    token_dim: int = 64
+    hidden: int = 1024
+    dropout: float = 0.3
+
+
 # ---------------------------------------------------------------------------------------------
 # The LightningModule
 
 
 class BrainReconstruct(StageModule):
-    """Stage-3 LightningModule. Arguments (all settable from the YAML config):
+    """Stage-3 LightningModule (all arguments settable from the YAML config).
 
-    align_export: the stage-2 export folder (kind "brain_align"); frozen.
-    diffusion: Stable Diffusion, hub id (`stable-diffusion-v1-5/stable-diffusion-v1-5`) or a local
-        diffusers folder (`data/toyworld/toy_sd`, from data_recipes/toy_diffusion.py); frozen.
-    diffusion_dtype: "float32" | "float16" | "bfloat16" for the SD weights (fp16 on GPUs).
-    resolution: image size of everything stage 3 makes: the seen images are resized to it before the
-        VAE encodes them, the latent is resolution / 8 (SD) on a side, and images are sampled at it
-        (default: the UNet's native size, 512 for SD 1.5).
-    latent_cache: where the seen images' VAE latents are computed once, in batches, before training
-        (a memory-mapped `.npy` per dataset, VAE and resolution): "auto" = a `.mindsemantix-latents/`
-        folder in the dataset (or the user cache folder where it is read-only), a folder, or null
-        (encode each image when first met, kept in memory).
-    head: LatentHead fields (token_dim, hidden, dropout).
-    contrastive_weight: weight of a batch-contrastive term on the latent (symmetric InfoNCE between
-        predicted and true latents, flattened, cosine / `contrastive_temperature`; other samples of
-        the same image are not negatives). MSE alone regresses to a blurred average that looks alike
-        for many images; the contrastive term makes each predicted latent nearer its own image's than
-        the others' in the batch, as MindEye trains its retrieval and low-level heads (docs/stage3.md, "The contrastive latent head"). 0: MSE only.
-    cache_brain: keep the frozen stage-2 model's output per distinct input (BrainRepresentation), so
-        a head trained for many epochs does not rerun it every step. Costs host memory (distinct
-        inputs x Q x H x 4 bytes); resumes then match the uninterrupted run to float round-off,
-        not bitwise.
-    image_embedding: frozen vision encoder (`offline:efficientnet-lite0`, a CLIP folder) whose
-        pooled features of the seen image the head also predicts (None: no embedding target);
-        embedding_weight: that loss's weight (cosine distance).
-    n_candidates: img2img samples per key (seeds `key`, `key#1`, ...; 1: plain seeded img2img),
-        combined by `combine_candidates`:
-        "mean": their pixel average, a Monte Carlo estimate of the posterior mean of the image given
-            the latent and the caption. One sample adds detail that the brain did not determine
-            (right or wrong at random), which PixCorr / SSIM punish; the mean keeps what the caption
-            and the latent agree on.
-        "best": the one whose vision features are closest to the predicted embedding (MindEye's
-            best-of-n; needs `image_embedding`).
-    captions: stage-2 captions JSONL ({"key", "caption"} per line) used as prompts at predict;
-        "reference" uses the first reference caption (an oracle, for checking stage 3 alone).
-    sampling: SamplingConfig fields (num_inference_steps, guidance_scale, strength, negative_prompt, seed).
-    scheduler: "ddim" (deterministic given the noise), "pndm", "euler", "dpm".
-    variants: which images predict makes; predict_dir, grid_rows, score: the defaults of the
-        `ReconstructionWriter` callback that writes them (see the module docstring).
-    init_from: a brain_reconstruct export whose head to load (predict from an export).
-    lr, weight_decay, warmup_steps, min_lr_ratio, export_dir, nonfinite_loss: StageModule's.
+    Args:
+        align_export: the stage-2 export folder (kind "brain_align"); frozen.
+        diffusion: Stable Diffusion, hub id (`stable-diffusion-v1-5/stable-diffusion-v1-5`) or a local
+            diffusers folder (`data/toyworld/toy_sd`, from data_recipes/toy_diffusion.py); frozen.
+        diffusion_dtype: "float32" | "float16" | "bfloat16" for the SD weights (fp16 on GPUs).
+        resolution: image size of everything stage 3 makes: the seen images are resized to it before
+            the VAE encodes them, the latent is resolution / 8 (SD) on a side, and images are sampled
+            at it (default: the UNet's native size, 512 for SD 1.5).
+        latent_cache: where the seen images' VAE latents are computed once, in batches, before
+            training (a memory-mapped `.npy` per dataset, VAE and resolution): "auto" = a
+            `.mindsemantix-latents/` folder in the dataset (or the user cache folder where it is
+            read-only), a folder, or null (encode each image when first met, kept in memory).
+        head: the latent head's sizes (fields below).
+        contrastive_weight: weight of a batch-contrastive term on the latent (symmetric InfoNCE
+            between predicted and true latents, flattened, cosine / `contrastive_temperature`; other
+            samples of the same image are not negatives). MSE alone regresses to a blurred average
+            that looks alike for many images; the contrastive term makes each predicted latent nearer
+            its own image's than the others' in the batch, as MindEye trains its retrieval and
+            low-level heads (docs/stage3.md, "The contrastive latent head"). 0: MSE only.
+        contrastive_temperature: the temperature of that term.
+        cache_brain: keep the frozen stage-2 model's output per distinct input (BrainRepresentation),
+            so a head trained for many epochs does not rerun it every step. Costs host memory
+            (distinct inputs x Q x H x 4 bytes); resumes then match the uninterrupted run to float
+            round-off, not bitwise.
+        image_embedding: frozen vision encoder (`offline:efficientnet-lite0`, a CLIP folder) whose
+            pooled features of the seen image the head also predicts (null: no embedding target).
+        embedding_weight: the embedding loss's weight (cosine distance).
+        n_candidates: img2img samples per key (seeds `key`, `key#1`, ...; 1: plain seeded img2img),
+            combined by `combine_candidates`.
+        combine_candidates: "mean": the candidates' pixel average, a Monte Carlo estimate of the
+            posterior mean of the image given the latent and the caption (one sample adds detail the
+            brain did not determine, which PixCorr / SSIM punish; the mean keeps what the caption and
+            the latent agree on). "best": the one whose vision features are closest to the predicted
+            embedding (MindEye's best-of-n; needs `image_embedding`).
+        captions: stage-2 captions JSONL ({"key", "caption"} per line) used as prompts at predict;
+            "reference" uses the first reference caption (an oracle, for checking stage 3 alone).
+        sampling: how SD samples (fields below).
+        scheduler: "ddim" (deterministic given the noise), "pndm", "euler", "dpm".
+        predict_dir: where predict's images go (default `<trainer.default_root_dir>/predict`).
+        variants: which images predict makes ("caption_only", "latent_only", "full").
+        grid_rows: keys shown in predict's `grid.png`.
+        score: predict also scores the images against the seen ones (`scores.json`).
+        init_from: a brain_reconstruct export whose head to load (predict from an export).
+        lr: AdamW's learning rate.
+        weight_decay: AdamW's weight decay.
+        warmup_steps: steps of linear warm-up before the cosine decay.
+        **kwargs: the other optimisation, export and non-finite-loss settings of StageModule.
     """
 
     frozen_prefixes = ("brain.", "sd.", "vision.")
 
     def __init__(self, align_export: str, diffusion: str = "data/toyworld/toy_sd", diffusion_dtype: str = "float32",
-                 resolution: int | None = None, head: dict[str, Any] | None = None,
+                 resolution: int | None = None, head: LatentHeadSettings = LatentHeadSettings(),
                  contrastive_weight: float = 0.0, contrastive_temperature: float = 0.1, cache_brain: bool = False,
                  latent_cache: str | None = "auto",
                  image_embedding: str | None = None, embedding_weight: float = 0.0, n_candidates: int = 1,
                  combine_candidates: str = "mean", captions: str | None = None,
-                 sampling: dict[str, Any] | None = None, scheduler: str = "ddim",
+                 sampling: SamplingConfig = SamplingConfig(), scheduler: str = "ddim",
                  predict_dir: str | None = None, variants: list[str] | None = None,
                  grid_rows: int = 8, score: bool = True, init_from: str | None = None, lr: float = 1e-3,
                  weight_decay: float = 0.05, warmup_steps: int = 50, **kwargs: Any):
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, **kwargs)
+        # typed settings (a dict from Python or an export is checked here); plain dicts in hyper-parameters
+        head = as_dict(settings(LatentHeadSettings, head, "head"))
+        sampling = as_dict(settings(SamplingConfig, sampling, "sampling"))
         self.save_hyperparameters()
         # a bad setting fails here, before the stage-2 model and SD are loaded
         if contrastive_weight < 0 or contrastive_temperature <= 0:
@@ -256,7 +283,8 @@ class BrainReconstruct(StageModule):
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise ValueError(f"variants: unknown {unknown}; known: {list(VARIANTS)}")
-        self._targets: dict[int, tuple[Tensor, Tensor | None]] = {}  # image id -> (latent, embedding), CPU
+        self._targets = FrozenFeatures(latent=self.reconstructor.encode_images,
+                                       **({"embedding": lambda image: self.vision(image).pooled} if self.vision else {}))
         self.latent_cache_setting = latent_cache
         self.latent_cache: LatentCache | None = None
         self._captions: dict[str, str] | None = None
@@ -298,19 +326,8 @@ class BrainReconstruct(StageModule):
         ids = batch["image_id"].tolist()
         if self.latent_cache is not None and self.vision is None and all(i in self.latent_cache for i in ids):
             return self.latent_cache.get(ids).to(self.device), None
-        todo = [i for i, image_id in enumerate(ids) if image_id not in self._targets]
-        if todo:
-            # one image at a time: a batched convolution's last bits depend on the batch it runs in, and
-            # a resumed run meets an image in a different batch than the uninterrupted run did
-            images = batch["image"][todo]
-            latents = torch.cat([self.reconstructor.encode_images(im[None]) for im in images]).float().cpu()
-            embeds = (torch.cat([self.vision(im[None]).pooled for im in images]).float().cpu()
-                      if self.vision is not None else [None] * len(todo))
-            for i, lat, emb in zip(todo, latents, embeds):
-                self._targets[ids[i]] = (lat, emb)
-        latents = torch.stack([self._targets[i][0] for i in ids]).to(self.device)
-        embeds = torch.stack([self._targets[i][1] for i in ids]).to(self.device) if self.vision is not None else None
-        return latents, embeds
+        found = self._targets(batch["image_id"], batch["image"], self.device)
+        return found["latent"], found.get("embedding")
 
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         pred = self(batch["fmri"], batch["subject"])
