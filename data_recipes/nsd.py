@@ -5,7 +5,7 @@
 
 Reads the betas (`betas_sessionNN.nii.gz`, or the `.hdf5` variant where present), the
 `nsdgeneral` ROI (== 1), the experimental design, the stimulus information, the stimuli HDF5 and
-COCO captions, and writes Contract-1 shards (DESIGN.md): one sample per (subject, image) holding
+COCO captions, and writes shard datasets (docs/formats.md): one sample per (subject, image) holding
 every repetition in trial order. Normalisation: betas / 300 (percent signal change), then each
 voxel is z-scored within each session with the mean and SD (ddof=0) of that session's non-test
 trials only. Test = the shared images (`sharedix`); val = a fixed part of the other images

@@ -230,7 +230,7 @@ def lightning_cli(args: list[str] | None = None):
         def _parse_ckpt_path(self) -> None:
             """Resuming (`--ckpt_path`) restores the run from its checkpoint but keeps the model
             configuration you give: Lightning's default would overwrite it silently with the
-            checkpoint's hyper-parameters (a pitfall DESIGN.md names). Differences are printed.
+            checkpoint's hyper-parameters (a known pitfall of earlier brain-decoding code). Differences are printed.
             `last` is the readable checkpoint of this run furthest into training (by the step recorded
             in it); corrupt ones are skipped with a warning, and if every one is corrupt the run stops
             with their names (starting over is explicit). A bad explicit path fails here likewise."""

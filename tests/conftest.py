@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny Contract-1 datasets built in a temp folder (no network, no real data)."""
+"""Shared fixtures: tiny shard datasets built in a temp folder (no network, no real data)."""
 
 from __future__ import annotations
 

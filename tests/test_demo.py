@@ -49,7 +49,7 @@ def test_tiny_demo_runs_every_step_and_writes_the_report(tiny_demo):
     timings = json.loads((report / "demo_timings.json").read_text())
     assert list(timings) == STEPS and all(t > 0 for t in timings.values())
 
-    # stage hand-offs (Contract 3) and the stage-2 captions: one line per test sample
+    # stage hand-offs (exports, docs/formats.md) and the stage-2 captions: one line per test sample
     for stage in ("pretrain", "align_representation", "align", "reconstruct"):
         config = json.loads((run / stage / "export" / "config.json").read_text())
         assert config, stage

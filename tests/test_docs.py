@@ -14,16 +14,6 @@ from helpers import REPO
 OUTSIDE_REFERENCE = re.compile("|".join([r"(DESIGN|MEASURED|OFFLINE)\.md", r"\.\./shared", "/work/" + "shared",
                                          r"\bContract[- ]\d"]))
 
-# TODO(lead): these files still point outside the repository (they were being edited elsewhere when
-# this test was written); whoever edits one next replaces its references with docs/formats.md or
-# docs/offline.md and removes it from this list (test_allow_list_is_current insists).
-NOT_YET_FIXED = {
-    "mindsemantix/cli.py", "mindsemantix/stages/base.py", "mindsemantix/models/brain_encoder.py",
-    "mindsemantix/models/diffusion.py", "mindsemantix/data/shards.py", "mindsemantix/data/datamodule.py",
-    "mindsemantix/eval/report.py", "mindsemantix/eval/feature_nets.py", "mindsemantix/eval/captions.py",
-    "mindsemantix/eval/images.py", "mindsemantix/eval/baselines.py", "data_recipes/nsd.py",
-    "tests/conftest.py", "tests/test_demo.py", "tests/test_eval_report.py", "tests/test_shards.py",
-}
 
 
 def python_block_after(markdown: str, heading: str) -> str:
@@ -54,8 +44,6 @@ def repository_files() -> list[str]:
 def test_no_file_points_outside_the_repository():
     offenders = []
     for name in repository_files():
-        if name in NOT_YET_FIXED:
-            continue
         try:
             text = (REPO / name).read_text()
         except UnicodeDecodeError:
@@ -65,9 +53,3 @@ def test_no_file_points_outside_the_repository():
     assert not offenders, "references to files outside the repository (describe it in docs/ instead):\n" + \
         "\n".join(offenders)
 
-
-def test_allow_list_is_current():
-    # a file that no longer points outside leaves NOT_YET_FIXED, so the list only shrinks
-    stale = [name for name in sorted(NOT_YET_FIXED)
-             if not (REPO / name).is_file() or not OUTSIDE_REFERENCE.search((REPO / name).read_text())]
-    assert not stale, f"remove from NOT_YET_FIXED in tests/test_docs.py: {stale}"

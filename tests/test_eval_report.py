@@ -1,4 +1,4 @@
-"""Baselines (chance, ridge retrieval) on plain arrays and on shards, and the Contract-4 report."""
+"""Baselines (chance, ridge retrieval) on plain arrays and on shards, and the report (docs/formats.md)."""
 
 from __future__ import annotations
 

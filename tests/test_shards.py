@@ -1,4 +1,4 @@
-"""Contract-1 shards: round trip, atomic writes, and every kind of bad input."""
+"""Shard datasets: round trip, atomic writes, and every kind of bad input."""
 
 from __future__ import annotations
 

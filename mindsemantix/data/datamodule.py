@@ -1,4 +1,4 @@
-"""BrainDataModule: the one LightningDataModule of all three stages, over Contract-1 shard datasets.
+"""BrainDataModule: the one LightningDataModule of all three stages, over shard datasets (docs/formats.md).
 
 Batches are **subject-homogeneous**: subjects have different voxel counts, and every model keeps a
 small input layer per subject, so a batch holds one subject's samples (the choice MindEye2 made
@@ -8,7 +8,7 @@ for its per-subject ridge layers). Batch dict, per docs/architecture.md:
     captions: list[list[str]] (if requested)       image: (B, 3, H, W) uint8 (if requested)
     fmri_target: (B, V_subject) float32 (training with train_repetition "cross" only)
 
-Distributed guarantees (the WebDataset-under-DDP pitfalls in DESIGN.md cannot happen here):
+Distributed guarantees (the WebDataset-under-DDP pitfalls of earlier brain-decoding code — duplicated or dropped samples per rank — cannot happen here):
 - the whole epoch is planned from (seed, epoch) alone, identically on every rank: every sample
   lands in exactly one batch, and the batch list is then dealt out round-robin;
 - the number of batches is made a multiple of the world size by splitting the largest batches
@@ -252,7 +252,7 @@ class ShardLoader:
 
 
 class BrainDataModule(L.LightningDataModule):
-    """Serves one or several Contract-1 datasets (e.g. NSD + an image-less pretraining corpus).
+    """Serves one or several shard datasets (e.g. NSD + an image-less pretraining corpus).
 
     Args:
         datasets: shard dataset folder(s). Subject names must be unique across them.

@@ -1,4 +1,4 @@
-"""Contract-1 shard datasets: writer, index and sample decoding (DESIGN.md, Contract 1).
+"""Shard datasets (docs/formats.md): writer, index and sample decoding.
 
 ```
 OUT/manifest.json                   written last: a folder without it is not a dataset
@@ -80,7 +80,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 class ShardWriter:
-    """Write a Contract-1 dataset atomically.
+    """Write a shard dataset (docs/formats.md) atomically.
 
     ```
     with ShardWriter(out, dataset="nsd", samples_per_shard=500) as w:
@@ -365,7 +365,7 @@ class VerifyCache:
 
 
 class ShardDataset:
-    """One Contract-1 dataset: manifest, subjects, and an index of every sample's tar members.
+    """One shard dataset: manifest, subjects, and an index of every sample's tar members.
 
     `on_error="raise"` (default) turns any bad shard or sample into a ShardError naming the file and
     key; `"skip"` drops it, counts it in `self.skipped` and logs a warning. `verify="sha256"` checks

@@ -1,4 +1,4 @@
-"""Baselines that the model is compared with in the same evaluation run (Contract 4 `baselines.<name>`).
+"""Baselines that the model is compared with in the same evaluation run (`baselines.<name>` in eval.json, docs/formats.md).
 
 Captions:
 - `chance`: for every test image, one caption of a random training image (seeded).
@@ -15,7 +15,7 @@ Images:
 - `caption_only`, `latent_only` come from stage 3 as image folders.
 
 Everything works on plain arrays (tested alone); `load_split_arrays` and `main` wire it to a
-Contract-1 shard dataset: `python -m mindsemantix.eval.baselines --data SHARDS --out DIR` writes
+shard dataset: `python -m mindsemantix.eval.baselines --data SHARDS --out DIR` writes
 references.jsonl, chance.jsonl, ridge_retrieval.jsonl, seen/ and chance_images/ for the report.
 """
 
@@ -178,7 +178,7 @@ def write_image_folder(folder: str | os.PathLike, images: Mapping[str, np.ndarra
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mindsemantix.eval.baselines",
                                 description="Caption and image baselines (and the references) from a shard dataset.")
-    p.add_argument("--data", required=True, help="Contract-1 shard dataset (needs train and test with captions)")
+    p.add_argument("--data", required=True, help="shard dataset (needs train and test with captions)")
     p.add_argument("--out", required=True, help="folder for references.jsonl, chance.jsonl, ridge_retrieval.jsonl, "
                                                 "seen/, chance_images/")
     p.add_argument("--split", default="test")

@@ -1,4 +1,4 @@
-"""Caption metrics with the BrainHub protocol (DESIGN.md, Contract 4): `score_captions`, the
+"""Caption metrics with the BrainHub protocol (docs/formats.md, report files): `score_captions`, the
 reference ceiling, JSONL readers and the `mindsemantix score-captions` command.
 
 Definitions (docs/eval.md has the long form):
@@ -513,7 +513,7 @@ def score_captions(predictions: Mapping[str, str], references: Mapping[str, Sequ
     tokenizer: "auto" (PTB via Java if available, else nltk Treebank), "java", "nltk", or a
       `CaptionTokenizer` to share one tokenizer run across calls.
 
-    Returns {"metrics": {Contract-4 key: float}, "info": {implementations, counts, settings}, "keys": sorted
+    Returns {"metrics": {metric name (docs/formats.md): float}, "info": {implementations, counts, settings}, "keys": sorted
     keys, "per_image": {metric: [value per key]}} for ROUGE-L, CIDEr and SentenceSim (means over images).
     """
     check_caption_inputs(predictions, references)

@@ -15,7 +15,7 @@ whole image, then the net's normalisation). Names become metric keys: `TwoWay-<n
 
 Weights are read as data only (`torch.load(weights_only=True)` / safetensors via transformers).
 AlexNet's convolutional trunk is defined here (a few standard layers) so it works without
-torchvision, which does not import beside the CPU torch build this project uses (see OFFLINE.md).
+torchvision, which does not import beside the CPU torch build this project uses (see docs/offline.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Image metrics with MindEye's definitions (DESIGN.md, Contract 4): `score_images`, image-folder
+"""Image metrics with MindEye's definitions (docs/formats.md, report files): `score_images`, image-folder
 reading and the `mindsemantix score-images` command.
 
 Matched against MindEye2's `src/final_evaluations.ipynb` (MedARC-AI/MindEyeV2), re-implemented here:

@@ -43,7 +43,7 @@ tokenizer and output head change (tests/test_brain_encoder.py checks this).
 A batch holds one subject, so the other subjects' layers get no gradient in that step: under DDP
 use find_unused_parameters=True.
 
-Export (DESIGN.md Contract 3, kind "brain_encoder"): `save_pretrained(folder)` writes config.json
+Export (docs/formats.md, kind "brain_encoder"): `save_pretrained(folder)` writes config.json
 (model config, subject names and voxel counts) and model.safetensors (weights plus each subject's
 coordinates, voxel order and patch centroids, so nothing needs the data to rebuild).
 `BrainEncoder.from_pretrained(folder)` rebuilds it. The MAE decoder and the subject output heads are
@@ -617,7 +617,7 @@ class BrainEncoder(nn.Module):
             raise ValueError(f"fmri for subject {subject!r} contains {bad} NaN/inf values")
         return fmri
 
-    # -- export (Contract 3) ----------------------------------------------------------------------
+    # -- export (docs/formats.md) ------------------------------------------------------------------
 
     def save_pretrained(self, folder: str | Path, include_decoder: bool = True) -> Path:
         """Write `folder/config.json` + `folder/model.safetensors` (kind "brain_encoder")."""

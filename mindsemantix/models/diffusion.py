@@ -5,7 +5,7 @@ never trained here; it is loaded through diffusers exactly as a user loads SD 1.
 or a local folder in diffusers format). The embedded demo brings its own small text-to-image model
 (`data_recipes/toy_diffusion.py`), saved in that same format, so the same code path loads both.
 
-Three variants per test key (the full method and the two ablations of Contract 4):
+Three variants per test key (the full method and the two ablations the report compares (docs/formats.md)):
 
 | variant        | image from                                                          |
 |----------------|---------------------------------------------------------------------|
