@@ -272,7 +272,8 @@ def _data_of(stage_dir: Path) -> Path:
     config = stage_dir / "config.yaml"
     if not config.is_file():
         raise BundleError(f"{stage_dir}: config.yaml is missing; pass the shard dataset with --data")
-    datasets = (yaml.safe_load(config.read_text()).get("data") or {}).get("init_args", {}).get("datasets")
+    data = yaml.safe_load(config.read_text()).get("data") or {}
+    datasets = data.get("init_args", data).get("datasets")  # LightningCLI saves the fixed datamodule's args flat
     datasets = [datasets] if isinstance(datasets, str) else list(datasets or [])
     if not datasets or not Path(datasets[0]).is_dir():
         raise BundleError(f"{config}: names no shard dataset that exists here ({datasets}); pass it with --data")

@@ -195,3 +195,17 @@ def test_decode_nsd_sessions_by_design_keeps_the_held_out_images(run, tmp_path, 
     rows = [json.loads(line) for line in (tmp_path / "o" / "captions.jsonl").read_text().splitlines()]
     assert [(r["key"], r["trials"]) for r in rows] == [("subj01-000013", [1, 4, 8]), ("subj01-000014", [3]),
                                                        ("subj01-000015", [7]), ("subj01-000016", [11])]
+
+
+def test_bundle_finds_the_dataset_in_the_stage_config(run, tmp_path):
+    """Without --data the dataset comes from the stage-2 run's saved config.yaml (as LightningCLI
+    writes it: the datamodule's arguments flat under `data`); without that file, one clear error."""
+    config = run["run"] / "align" / "config.yaml"
+    try:
+        config.write_text(f"model: {{}}\ndata:\n  datasets: {run['data']}\n  batch_size: 4\n")
+        pipe = MindSemantixPipeline.from_run(run["run"], load_diffusion=False)
+        assert sorted(pipe.subjects) == ["subj01", "subj02"] and pipe.subjects["subj01"].n_voxels == 40
+    finally:
+        config.unlink()
+    with pytest.raises(BundleError, match="config.yaml is missing; pass the shard dataset with --data"):
+        MindSemantixPipeline.from_run(run["run"], load_diffusion=False)
