@@ -152,22 +152,26 @@ def group_trials(z: np.ndarray, trials: list[int], ids: np.ndarray | None, subje
 
 
 def save_grid(path: Path, images: list, captions: list[str], keys: list[str], limit: int = 16) -> None:
+    """Up to `limit` reconstructions, 4 a row, each with its key and caption, shown at >= 160 px."""
+    import textwrap
+    from io import BytesIO
+
     from PIL import Image, ImageDraw
 
     n = min(limit, len(images))
     if n == 0:
         return
-    size, text_h, cols = images[0].width, 34, min(4, n)
+    size = max(160, images[0].width)
+    text_h, cols = 44, min(4, n)
     rows = (n + cols - 1) // cols
     canvas = Image.new("RGB", (cols * size, rows * (size + text_h)), "white")
     draw = ImageDraw.Draw(canvas)
     for i in range(n):
         x, y = (i % cols) * size, (i // cols) * (size + text_h)
-        canvas.paste(images[i], (x, y))
-        draw.text((x + 2, y + size + 1), keys[i][-14:], fill="black")
-        draw.text((x + 2, y + size + 12), captions[i][: max(8, size // 6)], fill="black")
-    from io import BytesIO
-
+        canvas.paste(images[i].resize((size, size), Image.Resampling.NEAREST), (x, y))
+        lines = [keys[i]] + textwrap.wrap(captions[i], width=size // 6)[:2]
+        for k, line in enumerate(lines):
+            draw.text((x + 3, y + size + 2 + 13 * k), line, fill="black")
     buf = BytesIO()
     canvas.save(buf, format="PNG")
     write_bytes_atomic(path, buf.getvalue())
@@ -180,7 +184,7 @@ def decode(args: argparse.Namespace) -> Path:
     subjects = read_index(root)["subjects"]
     if args.subject not in subjects:  # every input is checked before the models load
         raise BundleError(f"subject {args.subject!r} is not in {args.model} (it decodes "
-                          f"{', '.join(sorted(subjects))}); a new subject needs `mindsemantix adapt`")
+                          f"{', '.join(sorted(subjects))}); each subject has input layers trained on its own scans")
     if args.average_by and args.nsd_design:
         raise BundleError("give either --average-by or --nsd-design, not both")
     spec = SubjectSpec(**subjects[args.subject])

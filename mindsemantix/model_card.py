@@ -41,8 +41,8 @@ A brain-language model (MindSemantix, arXiv 2405.18812): fMRI -> caption -> imag
 
 ## Trained on
 - data: `{data.get('dataset', 'unknown')}`, subjects {', '.join(data.get('subjects', [])) or subjects}; samples per split {data.get('samples', {})}
-- decodes subjects: **{subjects}** (subject-specific input layers; any other subject needs
-  `mindsemantix adapt`, which trains a new subject's input layers on its own data)
+- decodes subjects: **{subjects}** (each has its own input layers, trained on its own scans; another
+  subject's data cannot be decoded until input layers are trained for it)
 
 ## Parts
 | part | what | size |
