@@ -677,12 +677,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CaptionInputError, RuntimeError, FileNotFoundError) as e:
         print(f"score-captions: error: {e}", file=sys.stderr)
         return 2
-    result["info"].update({"predictions": str(args.predictions), "references": str(args.references)})
-    write_json_atomic(args.out, result)
-    for name, value in result["metrics"].items():
-        print(f"{name:12s} {value:.4f}")
-    print(f"wrote {args.out}")
+    write_scores(args.out, result, {"predictions": str(args.predictions), "references": str(args.references)})
     return 0
+
+
+def write_scores(out: str | Path, result: dict[str, Any], sources: dict[str, str], notes: Iterable[str] = ()) -> None:
+    """The scorers' ending: record the inputs, write the JSON atomically, print the metrics."""
+    result["info"].update(sources)
+    write_json_atomic(out, result)
+    width = max((len(n) for n in result["metrics"]), default=0) + 1
+    for name, value in result["metrics"].items():
+        print(f"{name:{width}s} {value:.4f}")
+    for note in notes:
+        print(note)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":  # pragma: no cover

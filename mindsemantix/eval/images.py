@@ -32,7 +32,6 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from mindsemantix.eval.feature_nets import FeatureNet, build_feature_nets
-from mindsemantix.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -374,13 +373,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ImageInputError, RuntimeError, OSError) as e:
         print(f"score-images: error: {e}", file=sys.stderr)
         return 2
-    result["info"].update({"predictions": str(args.predictions), "targets": str(args.targets)})
-    write_json_atomic(args.out, result)
-    for name, value in result["metrics"].items():
-        print(f"{name:26s} {value:.4f}")
-    for name, reason in result["info"]["feature_nets_unavailable"].items():
-        print(f"  (no TwoWay-{name}: {reason})")
-    print(f"wrote {args.out}")
+    from mindsemantix.eval.captions import write_scores
+
+    write_scores(args.out, result, {"predictions": str(args.predictions), "targets": str(args.targets)},
+                 [f"  (no TwoWay-{name}: {reason})" for name, reason in result["info"]["feature_nets_unavailable"].items()])
     return 0
 
 

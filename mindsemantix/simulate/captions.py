@@ -104,17 +104,20 @@ def _single(rng: np.random.Generator, scene: Scene) -> str:
     return _finish(f"a picture of {np_} {bg}")
 
 
+def _one_of_three(rng: np.random.Generator, bg: str, first: str, second: str, with_bg: str, without_bg: str) -> str:
+    """One of three sentence forms, drawn uniformly; the third leads with the background when one was
+    mentioned."""
+    form = rng.integers(3)
+    if form == 2:
+        return _finish(with_bg if bg else without_bg)
+    return _finish(first if form == 0 else second)
+
+
 def _group(rng: np.random.Generator, scene: Scene) -> str:
     phrase = _group_phrase(rng, scene.objects[0], scene.count, rng.random() < P_MENTION)
     bg = _pick(rng, BACKGROUND_WORDS[scene.background]) if rng.random() < P_MENTION else ""
-    form = rng.integers(3)
-    if form == 0:
-        return _finish(f"{phrase} {bg}")
-    if form == 1:
-        return _finish(f"there are {phrase} {bg}")
-    if bg:
-        return _finish(f"{bg}, {phrase}")
-    return _finish(f"a picture of {phrase}")
+    return _one_of_three(rng, bg, f"{phrase} {bg}", f"there are {phrase} {bg}", f"{bg}, {phrase}",
+                         f"a picture of {phrase}")
 
 
 def _pair(rng: np.random.Generator, scene: Scene) -> str:
@@ -126,14 +129,8 @@ def _pair(rng: np.random.Generator, scene: Scene) -> str:
     np_b = _noun_phrase(rng, b, rng.random() < P_MENTION)
     rel = _pick(rng, RELATION_WORDS[relation])
     bg = _pick(rng, BACKGROUND_WORDS[scene.background]) if rng.random() < P_MENTION else ""
-    form = rng.integers(3)
-    if form == 0:
-        return _finish(f"{np_a} {rel} {np_b} {bg}")
-    if form == 1:
-        return _finish(f"{np_a} is {rel} {np_b} {bg}")
-    if bg:
-        return _finish(f"{bg}, {np_a} {rel} {np_b}")
-    return _finish(f"there is {np_a} {rel} {np_b}")
+    return _one_of_three(rng, bg, f"{np_a} {rel} {np_b} {bg}", f"{np_a} is {rel} {np_b} {bg}",
+                         f"{bg}, {np_a} {rel} {np_b}", f"there is {np_a} {rel} {np_b}")
 
 
 def describe(scene: Scene, rng: np.random.Generator, n: int = 5, max_tries: int = 200) -> list[str]:
