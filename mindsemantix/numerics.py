@@ -52,15 +52,35 @@ class CentredSVD:
         return len(self.u)
 
 
-def fit_ridge(x: np.ndarray | CentredSVD, y: np.ndarray, alphas: Sequence[float] = DEFAULT_ALPHAS) -> RidgeFit:
-    """Ridge from x (N, V) to y (N, D) with an intercept; the penalty minimises leave-one-out MSE.
+@dataclass
+class RidgePath:
+    """Ridge from x to y with an intercept, at every penalty of a grid at once (through the thin SVD of
+    the centred x): `loo` (n_alphas, D) is the exact leave-one-out MSE of each target column at each
+    penalty. `alphas` are relative to `scale`, the mean of s^2, so one grid suits any feature count
+    and scale."""
 
-    Through the thin SVD of the centred x (cost min(N,V)^2 max(N,V)), every penalty costs only a
-    rescaling: W = V diag(s / (s^2 + a)) U^T Y; the hat matrix with the (unpenalised) intercept is
-    H = 11^T / N + U diag(s^2 / (s^2 + a)) U^T, and the exact leave-one-out residual of sample i is
-    (y_i - (H y)_i) / (1 - H_ii). `alphas` are relative to the mean of s^2, so one grid suits any
-    voxel count and scale. x may be given as its `CentredSVD`, to share it between fits.
-    """
+    svd: CentredSVD
+    y_mean: np.ndarray  # (D,)
+    uty: np.ndarray     # (k, D): U^T (y - y_mean)
+    scale: float
+    alphas: tuple[float, ...]
+    loo: np.ndarray     # (n_alphas, D)
+
+    def weights(self, rel: float) -> np.ndarray:
+        """(V, D) weights at penalty `rel * scale`: V diag(s / (s^2 + a)) U^T Y."""
+        s = self.svd.s
+        return self.svd.vt.T @ ((s / (s ** 2 + rel * self.scale))[:, None] * self.uty)
+
+    def fit(self, rel: float) -> RidgeFit:
+        loo = dict(zip(map(float, self.alphas), map(float, self.loo.mean(1))))
+        return RidgeFit(self.svd.x_mean, self.y_mean, self.weights(rel), float(rel), loo)
+
+
+def ridge_path(x: np.ndarray | CentredSVD, y: np.ndarray, alphas: Sequence[float] = DEFAULT_ALPHAS) -> RidgePath:
+    """Every penalty costs only a rescaling of the SVD (cost min(N,V)^2 max(N,V) once): the hat matrix
+    with the (unpenalised) intercept is H = 11^T / N + U diag(s^2 / (s^2 + a)) U^T, and the exact
+    leave-one-out residual of sample i is (y_i - (H y)_i) / (1 - H_ii). x may be given as its
+    `CentredSVD`, to share it between fits."""
     y = np.asarray(y, dtype=np.float64)
     if not isinstance(x, CentredSVD):
         x = np.asarray(x, dtype=np.float64)
@@ -71,23 +91,25 @@ def fit_ridge(x: np.ndarray | CentredSVD, y: np.ndarray, alphas: Sequence[float]
     if len(x) < 3:
         raise ValueError(f"ridge needs at least 3 training samples, got {len(x)}")
     svd = x if isinstance(x, CentredSVD) else CentredSVD.of(x)
-    u, s, vt = svd.u, svd.s, svd.vt
+    u, s = svd.u, svd.s
     y_mean = y.mean(0)
     yc = y - y_mean
     uty = u.T @ yc  # (k, D)
     scale = float(np.mean(s ** 2)) or 1.0
-    loo = {}
+    loo = []
     for rel in alphas:
-        a = rel * scale
-        shrink = s ** 2 / (s ** 2 + a)  # (k,)
-        fitted = u @ (shrink[:, None] * uty)  # H Y
+        shrink = s ** 2 / (s ** 2 + rel * scale)  # (k,)
         h_diag = 1.0 / len(u) + (u ** 2) @ shrink  # (N,); 1/N: the unpenalised intercept's share
-        resid = (yc - fitted) / np.clip(1.0 - h_diag, 1e-12, None)[:, None]
-        loo[float(rel)] = float(np.mean(resid ** 2))
-    best = min(loo, key=loo.get)
-    a = best * scale
-    weights = vt.T @ ((s / (s ** 2 + a))[:, None] * uty)  # (V, D)
-    return RidgeFit(svd.x_mean, y_mean, weights, best, loo)
+        resid = (yc - u @ (shrink[:, None] * uty)) / np.clip(1.0 - h_diag, 1e-12, None)[:, None]
+        loo.append((resid ** 2).mean(0))  # (D,)
+    return RidgePath(svd, y_mean, uty, scale, tuple(float(a) for a in alphas), np.stack(loo))
+
+
+def fit_ridge(x: np.ndarray | CentredSVD, y: np.ndarray, alphas: Sequence[float] = DEFAULT_ALPHAS) -> RidgeFit:
+    """Ridge from x (N, V) to y (N, D) with an intercept; the one penalty (of `alphas`, relative to the
+    mean of s^2) that minimises the leave-one-out MSE over all targets (`ridge_path`)."""
+    path = ridge_path(x, y, alphas)
+    return path.fit(path.alphas[int(np.argmin(path.loo.mean(1)))])
 
 
 def masked_pearson(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

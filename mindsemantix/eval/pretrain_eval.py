@@ -47,6 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mindsemantix.io import atomic_path, write_json_atomic
+from mindsemantix.numerics import ridge_path
 
 log = logging.getLogger(__name__)
 
@@ -160,38 +161,20 @@ def ridge_loo_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarr
                       alphas: Sequence[float] = ALPHAS) -> tuple[np.ndarray, list[float]]:
     """Ridge with intercept from x (N, F) to y (N, D); predictions for x_test (M, F) -> (M, D).
 
-    Dual (Gram) form, so the cost does not grow with F beyond one (N, N) Gram matrix: with the
-    centred Gram K = U diag(l) U^T, the fit for penalty a is Y_hat = U diag(l / (l + a)) U^T Y and
-    the exact leave-one-out residual is (y_i - y_hat_i) / (1 - H_ii), H_ii = 1/N + sum_j U_ij^2
-    l_j / (l_j + a). Each column group in `groups` (one target: a one-hot block or one column)
-    gets the penalty with the smallest summed leave-one-out MSE. Returns (predictions, alphas).
+    The path of `mindsemantix.numerics.ridge_path` (one thin SVD, so the cost grows with F only
+    linearly): each column group in `groups` (one target: a one-hot block or one column) gets the
+    penalty with the smallest summed leave-one-out MSE. Returns (predictions, alphas).
     """
-    x_train, x_test = np.asarray(x_train, np.float64), np.asarray(x_test, np.float64)
-    y = np.asarray(y_train, np.float64)
-    n = len(x_train)
-    mu = x_train.mean(0)
-    xc, xt = x_train - mu, x_test - mu
-    lam, u = np.linalg.eigh(xc @ xc.T)                               # (N,), (N, N)
-    lam = np.clip(lam, 0.0, None)
-    kt_u = (xt @ xc.T) @ u                                           # (M, N)
-    y_mean = y.mean(0)
-    uty = u.T @ (y - y_mean)                                         # (N, D)
-    scale = float(lam.sum() / min(n, x_train.shape[1])) or 1.0                # mean s^2, as fit_ridge
-    loo, preds = [], []
-    for rel in alphas:
-        a = rel * scale
-        shrink = lam / (lam + a)                                     # (N,)
-        h_diag = 1.0 / n + (u ** 2) @ shrink
-        resid = (y - y_mean - u @ (shrink[:, None] * uty)) / np.clip(1.0 - h_diag, 1e-12, None)[:, None]
-        loo.append((resid ** 2).mean(0))                             # (D,)
-        preds.append(kt_u @ (uty / (lam + a)[:, None]) + y_mean)     # (M, D)
-    loo_arr = np.stack(loo)                                          # (n_alphas, D)
-    out = np.empty((len(x_test), y.shape[1]))
-    chosen = []
+    path = ridge_path(x_train, y_train, alphas)
+    x_test = np.asarray(x_test, np.float64) - path.svd.x_mean
+    out = np.empty((len(x_test), path.loo.shape[1]))
+    chosen, weights = [], {}
     for g in groups:
-        best = int(np.argmin(loo_arr[:, g].sum(1)))
-        out[:, g] = preds[best][:, g]
-        chosen.append(float(alphas[best]))
+        best = path.alphas[int(np.argmin(path.loo[:, g].sum(1)))]
+        if best not in weights:
+            weights[best] = path.weights(best)                       # (F, D)
+        out[:, g] = x_test @ weights[best][:, g] + path.y_mean[g]
+        chosen.append(best)
     return out, chosen
 
 
