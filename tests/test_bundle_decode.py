@@ -14,20 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import save_tiny_wordpiece_tokenizer
+from helpers import write_tiny_exports
 from mindsemantix.cli import main as cli_main
 from mindsemantix.data.datamodule import BrainDataModule
-from mindsemantix.models.brain_encoder import BrainEncoder, BrainEncoderConfig
-from mindsemantix.models.diffusion import SmallSDConfig, load_png, small_stable_diffusion
+from mindsemantix.models.diffusion import load_png
 from mindsemantix.pipeline import BundleError, MindSemantixPipeline
 from mindsemantix.stages.align import BrainAlign
 from mindsemantix.stages.reconstruct import BrainReconstruct
 from mindsemantix.writers import ReconstructionWriter
 
-TINY_SD = SmallSDConfig(resolution=16, vae_channels=(8, 16), unet_channels=(16, 32), attention_head_dim=8,
-                        text_width=16, text_layers=1, text_heads=2, norm_groups=8)
-QFORMER = dict(num_queries=4, num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, embed_dim=16,
-               max_text_length=12)
 SAMPLING = {"num_inference_steps": 2, "strength": 0.5, "guidance_scale": 3.0}
 
 
@@ -43,22 +38,15 @@ def run(tmp_path_factory):
     data = make_tiny_dataset(root / "data", n_images={"train": 10, "val": 3, "test": 4}, image_size=16)
     dm = BrainDataModule(str(data), batch_size=4, eval_batch_size=4, fields=["captions", "image"])
     dm.setup()
-    torch.manual_seed(0)
-    encoder = BrainEncoder(BrainEncoderConfig.preset("tiny"), with_decoder=False)
-    for subject, info in dm.subject_info().items():
-        encoder.add_subject(subject, info.coords_mm)
+    parts = write_tiny_exports(root, data, align=False)                # stage 1, tokenizer, SD
     runs = root / "runs" / "r"
-    encoder.save_pretrained(runs / "pretrain" / "export")
-    tokenizer = save_tiny_wordpiece_tokenizer(root / "wordpiece", words=["image", "caption"] + [str(i) for i in range(30)])
-    align = BrainAlign(brain_encoder=str(runs / "pretrain" / "export"), phase="generative", llm="random:tiny",
-                       qformer={**QFORMER, "tokenizer": str(tokenizer)}, generation={"max_new_tokens": 4, "rerank": 2},
+    align = BrainAlign(brain_encoder=parts["stage1"], phase="generative", llm="random:tiny", qformer=parts["qformer"], generation={"max_new_tokens": 4, "rerank": 2},
                        lora={"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]})
     with torch.no_grad():  # "trained" adapters: a bundle that lost them would caption differently
         for name, p in align.captioner.bridge.named_parameters():
             if "lora_" in name:
                 p.normal_(0, 0.5)
     align.save_export(runs / "align" / "export")
-    small_stable_diffusion(TINY_SD, seed=0).save_pretrained(root / "sd")
     # stage 2's predict: captions of the test split
     captioner = BrainAlign.from_export(runs / "align" / "export")
     rows = []
@@ -66,7 +54,7 @@ def run(tmp_path_factory):
         rows += [{"key": k, "caption": c} for k, c in zip(batch["key"], captioner.caption(batch["fmri"], batch["subject"]))]
     (runs / "align" / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     torch.manual_seed(0)
-    recon = BrainReconstruct(align_export=str(runs / "align" / "export"), diffusion=str(root / "sd"),
+    recon = BrainReconstruct(align_export=str(runs / "align" / "export"), diffusion=parts["sd"],
                              captions=str(runs / "align" / "captions.jsonl"), sampling=SAMPLING, n_candidates=2,
                              head={"hidden": 32, "token_dim": 8}, variants=["full"], score=False,
                              predict_dir=str(runs / "reconstruct" / "predict"))
