@@ -299,14 +299,16 @@ class BrainReconstruct(StageModule):
         return self
 
     def setup(self, stage: str) -> None:
-        """Before fit / validate / test: the seen images' latents, computed once per dataset (rank 0
-        computes, the others wait and read the same file)."""
+        """Before fit / validate / test: the seen images' latents, computed once per dataset (local
+        rank 0 computes, the others wait and read the same file)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if stage == "predict" or self.latent_cache_setting is None or not hasattr(datamodule, "roots"):
             return
         cache = LatentCache.for_datasets(datamodule.roots, self.reconstructor, self.diffusion_source,
                                          None if self.latent_cache_setting == "auto" else self.latent_cache_setting)
-        if self.trainer.is_global_zero and not cache.exists():
+        # one builder per node (the cache folder may be node-local); two on a shared file system
+        # write the same bytes, each to its own temporary file, renamed into place
+        if self.trainer.local_rank == 0 and not cache.exists():
             cache.build(datamodule.roots, self.reconstructor)
         self.trainer.strategy.barrier("latent cache")
         self.latent_cache = cache.open()
