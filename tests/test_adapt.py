@@ -242,3 +242,11 @@ def test_adapt_resumes_exactly_after_sigkill(bundle, data, adapted, tmp_path):
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different[:5]
+    # and training moved the new layers: step 3's checkpoint holds other values than the end's
+    from mindsemantix.callbacks import load_checkpoint_safely
+
+    early = load_checkpoint_safely(next((run / "checkpoints").glob("*step=3.ckpt")))["state_dict"]
+    key = "captioner.brain_encoder.tokenizers.subj03.weight"
+    e, f = early[key].flatten().double(), a[key.removeprefix("captioner.")].flatten().double()
+    residual = f - (f @ e) / (e @ e) * e  # weight decay alone would only scale the weights
+    assert residual.norm() > 1e-4 * f.norm()
