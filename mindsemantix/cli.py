@@ -10,6 +10,7 @@
     mindsemantix report --out reports/<run> --predictions P.jsonl --baselines-dir DIR  (eval.json, eval.md, pictures)
     mindsemantix bundle --run runs/<run> --out DIR                                     (a shareable model)
     mindsemantix decode --model DIR --subject subj01 --betas FILE --out DIR            (new fMRI)
+    mindsemantix adapt --model DIR --data SHARDS --subject NEW [--sessions 1] --out DIR  (a new subject)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ TOOLS = {
     "evaluate": "mindsemantix.eval.report",  # the report's earlier name
     "bundle": "mindsemantix.decode:bundle_main",
     "decode": "mindsemantix.decode:main",
+    "adapt": "mindsemantix.decode:adapt_main",
 }
 
 

@@ -281,5 +281,36 @@ def bundle_main(argv: list[str] | None = None) -> int:
     return _run(run, argv)
 
 
+ADAPT_CONFIG = Path(__file__).resolve().parents[1] / "stages" / "adapt.yaml"
+
+
+def adapt_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mindsemantix adapt", description="Add a new subject to a trained bundle: train "
+                                "its input layers on its first sessions, everything shared frozen (docs/transfer.md). "
+                                "Runs `mindsemantix fit --config stages/adapt.yaml`; further --trainer.* / --model.* / "
+                                "--data.* / --ckpt_path flags go to it.")
+    p.add_argument("--model", required=True, help="the trained bundle folder")
+    p.add_argument("--data", required=True, help="shard dataset holding the new subject")
+    p.add_argument("--subject", required=True, help="the new subject's name in the dataset")
+    p.add_argument("--sessions", type=int, default=None, help="use the subject's first N sessions (default: all)")
+    p.add_argument("--out", required=True, help="the adapted bundle to write (a new folder)")
+    p.add_argument("--run", default=None, help="checkpoints and logs (default: runs/adapt/<subject>)")
+    p.add_argument("--config", action="append", default=[], help="further config files, after stages/adapt.yaml")
+    return p
+
+
+def adapt_main(argv: list[str] | None = None) -> int:
+    """`mindsemantix adapt` = `mindsemantix fit --config stages/adapt.yaml` with the flags as config keys."""
+    from mindsemantix.cli import main as cli_main
+
+    args, rest = adapt_parser().parse_known_args(argv)
+    fit = ["fit", "--config", str(ADAPT_CONFIG), *[a for c in args.config for a in ("--config", c)],
+           f"--model.init_args.bundle={args.model}", f"--model.init_args.subject={args.subject}",
+           f"--model.init_args.export_dir={args.out}", f"--data.datasets=[{args.data}]",
+           f"--data.subjects=[{args.subject}]", f"--data.max_sessions={args.sessions if args.sessions else 'null'}",
+           f"--trainer.default_root_dir={args.run or Path('runs') / 'adapt' / args.subject}", *rest]
+    return cli_main(fit)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -35,6 +35,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from mindsemantix.data.shards import FIELD_EXT, SHARD_SKIPS, SampleReader, SampleRef, ShardDataset, ShardError
 
+TRIALS_PER_SESSION = 750  # NSD: global 1-based trial t lies in session (t - 1) // 750 + 1
+
 log = logging.getLogger(__name__)
 
 FIELDS = ("fmri", "captions", "image")
@@ -129,10 +131,11 @@ class SampleSet(Dataset):
     """Decodes the requested fields of indexed samples. Item = (index, epoch)."""
 
     def __init__(self, refs: list[SampleRef], fields: Sequence[str], repetition: str, seed: int,
-                 image_size: int | None, on_error: str):
+                 image_size: int | None, on_error: str, kept: dict[str, np.ndarray] | None = None):
         if repetition not in REPETITIONS:
             raise ValueError(f"repetition must be one of {REPETITIONS}, got {repetition!r}")
         self.refs, self.fields, self.repetition, self.seed = refs, tuple(fields), repetition, seed
+        self.kept = kept or {}  # key -> the repetitions (rows of fmri) to use; absent: all of them
         self.image_size, self.on_error = image_size, on_error
         self.reader = SampleReader()
 
@@ -145,6 +148,8 @@ class SampleSet(Dataset):
         ref = self.refs[index]
         try:
             repetitions = self.reader.fmri(ref)  # (R, V)
+            if ref.key in self.kept:
+                repetitions = repetitions[self.kept[ref.key]]  # (R', V): only the allowed sessions' trials
             target = None
             if self.repetition == "mean":
                 fmri = repetitions.mean(0)
@@ -264,6 +269,10 @@ class BrainDataModule(L.LightningDataModule):
             as `fmri_target` (Noise2Noise: same stimulus, independent noise; a sample with one
             repetition is its own target). val/test/predict always use the mean.
         subjects: use only these subjects (default: all).
+        max_sessions: train and val keep only the repetitions whose trial lies in the subject's first
+            this many sessions (meta `sessions`, else from the global 1-based `trials`, 750 per
+            session as in NSD), and drop samples left with none; test and predict keep everything.
+            "1 session" then means what it means in NSD (the new-subject setting of `adapt`).
         image_size: resize images to this square size (default: as stored).
         num_workers: DataLoader worker processes per rank.
         seed: shuffling and repetition draws; the epoch plan depends on (seed, epoch) only.
@@ -276,8 +285,9 @@ class BrainDataModule(L.LightningDataModule):
 
     def __init__(self, datasets: str | list[str], batch_size: int = 32, eval_batch_size: int | None = None,
                  fields: list[str] | None = None, train_repetition: str = "random",
-                 subjects: list[str] | None = None, image_size: int | None = None, num_workers: int = 0,
-                 seed: int = 0, verify: str = "sha256", on_error: str = "raise", predict_split: str = "test"):
+                 subjects: list[str] | None = None, max_sessions: int | None = None, image_size: int | None = None,
+                 num_workers: int = 0, seed: int = 0, verify: str = "sha256", on_error: str = "raise",
+                 predict_split: str = "test"):
         super().__init__()
         self.save_hyperparameters()
         self.roots = [Path(d) for d in ([datasets] if isinstance(datasets, (str, Path)) else datasets)]
@@ -292,10 +302,14 @@ class BrainDataModule(L.LightningDataModule):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.train_repetition, self.subjects_filter = train_repetition, subjects
+        if max_sessions is not None and max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1 (or null for all), got {max_sessions}")
+        self.train_repetition, self.subjects_filter, self.max_sessions = train_repetition, subjects, max_sessions
+        self.kept: dict[str, np.ndarray] = {}  # key -> repetitions within max_sessions (train/val samples)
         self.image_size, self.num_workers, self.seed = image_size, num_workers, seed
         self.verify, self.on_error, self.predict_split = verify, on_error, predict_split
         self._datasets: list[ShardDataset] | None = None
+        self._reader = SampleReader()  # meta of train/val samples, for max_sessions
         self._subject_info: dict[str, SubjectInfo] = {}
         self.undecodable: set[str] = set()  # keys skipped while decoding (on_error "skip"), this rank
 
@@ -357,8 +371,24 @@ class BrainDataModule(L.LightningDataModule):
                     ds.skipped["missing_member"] = ds.skipped.get("missing_member", 0) + 1
                     log.warning("skipping: %s", msg)
                     continue
+                if self.max_sessions is not None and split in ("train", "val") and not self._keep_sessions(ref):
+                    continue
                 refs.append(ref)
         return refs
+
+    def _keep_sessions(self, ref: SampleRef) -> bool:
+        """Note which repetitions of `ref` lie in the first `max_sessions` sessions (in `kept`);
+        False when none does (the sample is dropped)."""
+        meta = self._reader.json(ref, "meta")
+        sessions = meta.get("sessions") or [(int(t) - 1) // TRIALS_PER_SESSION + 1 for t in meta["trials"]]
+        if len(sessions) != len(meta["trials"]):
+            raise ShardError(f"{ref.shard} [{ref.key}]: meta has {len(sessions)} sessions for {len(meta['trials'])} trials")
+        keep = np.flatnonzero(np.asarray(sessions) <= self.max_sessions)
+        if len(keep) == 0:
+            return False
+        if len(keep) < len(sessions):
+            self.kept[ref.key] = keep
+        return True
 
     def n_skipped(self) -> int:
         return sum(self.skip_counts().values())
@@ -406,7 +436,7 @@ class BrainDataModule(L.LightningDataModule):
                                       self.batch_size if train else self.eval_batch_size,
                                       shuffle=train, seed=self.seed, rank=rank, world_size=world)
         dataset = SampleSet(refs, self.fields, self.train_repetition if train else "mean", self.seed,
-                            self.image_size, self.on_error)
+                            self.image_size, self.on_error, kept=self.kept)
         return ShardLoader(dataset, sampler, self.num_workers, datamodule=self)
 
     def train_dataloader(self) -> ShardLoader:
