@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from mindsemantix.export import load_export, reference, resolve_reference
 from mindsemantix.models.diffusion import VARIANTS, Reconstructor, SamplingConfig, load_stable_diffusion, pipeline_modules
 from mindsemantix.models.latent_head import EXPORT_KIND, BrainRepresentation, LatentHead, LatentHeadConfig
+from mindsemantix.precision import fp32_unless_fast
 from mindsemantix.stages.base import StageModule
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,8 @@ class BrainReconstruct(StageModule):
             # one image at a time: a batched convolution's last bits depend on the batch it runs in, and
             # a resumed run meets an image in a different batch than the uninterrupted run did
             images = batch["image"][todo]
-            latents = torch.cat([self.reconstructor.encode_images(im[None]) for im in images]).float().cpu()
+            with fp32_unless_fast(self.device.type, "conv"):  # the VAE: bf16 only where convolutions pay
+                latents = torch.cat([self.reconstructor.encode_images(im[None]) for im in images]).float().cpu()
             embeds = (torch.cat([self.vision(im[None]).pooled for im in images]).float().cpu()
                       if self.vision is not None else [None] * len(todo))
             for i, lat, emb in zip(todo, latents, embeds):
@@ -287,10 +289,11 @@ class BrainReconstruct(StageModule):
         seconds: dict[str, float] = {}
         for v in variants:
             start = time.perf_counter()
-            if v == "full" and self.n_candidates > 1:
-                images[v] = self.combine(keys, prompts, latents, pred.get("embedding"))
-            else:
-                images.update(self.reconstructor.reconstruct(keys, prompts, latents, [v]))
+            with fp32_unless_fast(self.device.type, "conv"):  # SD sampling: bf16 only where its kind of work pays
+                if v == "full" and self.n_candidates > 1:
+                    images[v] = self.combine(keys, prompts, latents, pred.get("embedding"))
+                else:
+                    images.update(self.reconstructor.reconstruct(keys, prompts, latents, [v]))
             seconds[v] = (time.perf_counter() - start) / len(keys)
         seen = batch.get("image")
         return [{"key": key, "decoded": prompts[i] if prompts else None,
