@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -80,9 +79,10 @@ def cache_file() -> Path:
     return Path(base) / "mindsemantix" / CACHE_NAME
 
 
-def _median_seconds(fn: Callable[[], None], reps: int = 5, budget_s: float = 0.15) -> float:
-    """Median time of `fn` after one warm-up call; stops early once `budget_s` is spent (an emulated
-    bf16 path can be 30x slower: a couple of calls already tell)."""
+def _best_seconds(fn: Callable[[], None], reps: int = 5, budget_s: float = 0.15) -> float:
+    """Fastest time of `fn` after one warm-up call: the least disturbed by other processes (the
+    answer is cached, so one busy moment must not decide it). Stops early once `budget_s` is spent
+    (an emulated bf16 path can be 30x slower: a couple of calls already tell)."""
     fn()
     times: list[float] = []
     spent = 0.0
@@ -91,7 +91,7 @@ def _median_seconds(fn: Callable[[], None], reps: int = 5, budget_s: float = 0.1
         fn()
         times.append(time.perf_counter() - t0)
         spent += times[-1]
-    return statistics.median(times)
+    return min(times)
 
 
 def _unet_block(g):
@@ -128,7 +128,7 @@ def measure() -> dict[str, dict[str, float]]:
             def run(fn=fn, enabled=enabled) -> None:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
                     fn()
-            seconds[name] = _median_seconds(run)
+            seconds[name] = _best_seconds(run)
         result[kind] = {"fp32_s": seconds["fp32"], "bf16_s": seconds["bf16"],
                         "speedup": seconds["fp32"] / seconds["bf16"]}
     return result
