@@ -158,22 +158,28 @@ def test_loss_against_a_separate_target():
         run(target=y[:4])
 
 
-def test_loss_falls_below_predicting_the_mean_on_a_tiny_run():
-    torch.manual_seed(0)
-    coords = blob_coords(6.0)
-    model = BrainEncoder(tiny())
-    model.add_subject("s", coords)
-    data = structured_fmri(coords, 256, seed=0)
+def train_briefly(model: BrainEncoder, data: torch.Tensor, steps: int = 30) -> tuple[list[float], list[float]]:
+    """MAE steps on subject "s"; per step the loss and the loss of predicting 0 (the data are
+    z-scored: predicting the mean) at the masked voxels."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
-    losses, predict_zero = [], []   # data are z-scored: predicting 0 is predicting the mean
-    for step in range(30):
-        batch = data[(step * 32) % 256:][:32]
+    losses, predict_zero = [], []
+    for step in range(steps):
+        batch = data[(step * 32) % len(data):][:32]
         out = model.forward_mae(batch, "s")
         opt.zero_grad()
         out.loss.backward()
         opt.step()
         losses.append(out.loss.item())
         predict_zero.append((batch[out.mask] ** 2).mean().item())
+    return losses, predict_zero
+
+
+def test_loss_falls_below_predicting_the_mean_on_a_tiny_run():
+    torch.manual_seed(0)
+    coords = blob_coords(6.0)
+    model = BrainEncoder(tiny())
+    model.add_subject("s", coords)
+    losses, predict_zero = train_briefly(model, structured_fmri(coords, 256, seed=0))
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), losses
     # Not just the per-voxel mean: masked voxels are inferred from the visible ones.
     assert np.mean(losses[-5:]) < 0.8 * np.mean(predict_zero[-5:]), (losses, predict_zero)
@@ -397,16 +403,7 @@ def test_cross_decoder_decodes_only_the_hidden_tokens_and_learns():
     n_hidden = int(out.patch_mask[0].sum())
     assert seen == [(8, n_hidden, model.config.decoder_width)] and n_hidden == N - round(N * 0.25)
     assert torch.equal(out.pred[~out.mask], data[:8][~out.mask])       # visible voxels: the input, unscored
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
-    losses, predict_zero = [], []
-    for step in range(30):
-        batch = data[(step * 32) % 256:][:32]
-        out = model.forward_mae(batch, "s")
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        losses.append(out.loss.item())
-        predict_zero.append((batch[out.mask] ** 2).mean().item())
+    losses, predict_zero = train_briefly(model, data)
     assert np.mean(losses[-5:]) < 0.8 * np.mean(predict_zero[-5:]), (losses, predict_zero)
 
 
