@@ -30,7 +30,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	@mkdir -p bench_results
 	$(PY) benchmarks/bench_brain_encoder.py --configs mindvis --precisions bf16 --steps 5 --warmup 1 \
-	    --variants ours,ours-dist,ours-cross,ours-cross-dist,ours-sdpa,ours-sdpa-dist
+	    --variants ours,ours-dist,ours-cross-dist,ours-sdpa-dist
 	$(PY) benchmarks/bench_scaling.py
 
 # The whole job on a simulated study; finished steps are reused (see mindsemantix/demo.py).

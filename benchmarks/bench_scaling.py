@@ -71,14 +71,24 @@ def stage1_step(model: BrainEncoder, batch: int, bf16: bool):
 
 
 def bench_stage1(bf16: bool, batch: int, reps: int) -> list[dict]:
+    """Per shape, the two decoders' steps timed interleaved (self cross, cross self, ...)."""
     rows = []
     shapes = [("base", v) for v in (2048, 8192, NSD_VOXELS)] + [("tiny", 8192), ("large", 8192)]
     for preset, voxels in shapes:
-        for decoder in ("self", "cross"):
-            model = encoder(preset, voxels, decoder_attention=decoder)
-            seconds = median_time(stage1_step(model, batch, bf16), reps)
-            rows.append({"preset": preset, "voxels": voxels, "tokens": model.n_tokens("s"), "decoder": decoder,
-                         "batch": batch, "step_s": seconds, "samples_per_s": batch / seconds})
+        models = {d: encoder(preset, voxels, decoder_attention=d) for d in ("self", "cross")}
+        steps = {d: stage1_step(m, batch, bf16) for d, m in models.items()}
+        times: dict[str, list[float]] = {d: [] for d in steps}
+        for step in steps.values():
+            step()                                              # warm-up
+        for i in range(reps):
+            for d in (("self", "cross") if i % 2 == 0 else ("cross", "self")):
+                t0 = time.perf_counter()
+                steps[d]()
+                times[d].append(time.perf_counter() - t0)
+        for decoder, ts in times.items():
+            seconds = statistics.median(ts)
+            rows.append({"preset": preset, "voxels": voxels, "tokens": models[decoder].n_tokens("s"),
+                         "decoder": decoder, "batch": batch, "step_s": seconds, "samples_per_s": batch / seconds})
             print(f"stage 1  {preset:5} {voxels:>6} voxels  {decoder:5} decoder  {seconds:7.3f} s/step  "
                   f"{batch / seconds:7.1f} samples/s", flush=True)
     return rows
@@ -241,8 +251,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--parts", default="stage1,loader,captions,memory")
-    ap.add_argument("--batch", type=int, default=8, help="stage-1 batch (timing)")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=4, help="stage-1 batch (timing)")
+    ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", default="bench_results/scaling.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

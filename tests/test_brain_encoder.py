@@ -368,26 +368,28 @@ def test_math_attention_computes_what_the_fused_kernel_does():
     assert torch.allclose(grads["math"], grads["sdpa"], atol=1e-5)
 
 
-def test_auto_attention_avoids_the_fused_cpu_kernel_in_bf16_only(monkeypatch):
+def test_auto_attention_avoids_the_fused_cpu_kernel_for_biased_bf16_only(monkeypatch):
     import mindsemantix.models.brain_encoder as be
 
     calls = []
     fused = be.F.scaled_dot_product_attention
     monkeypatch.setattr(be.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
-    torch.manual_seed(0)
-    model = BrainEncoder(tiny())
-    model.add_subject("s", blob_coords(5.0))
-    x = torch.randn(4, model.tokenizers["s"].n_voxels)
-    model.forward_mae(x, "s")
-    assert len(calls) == 3                                   # fp32: the fused kernel (2 encoder + 1 decoder block)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        model.forward_mae(x, "s")
-    assert len(calls) == 3                                   # bf16 on a CPU: explicit matmuls
-    sdpa = BrainEncoder(tiny(attention_impl="sdpa"))
-    sdpa.add_subject("s", blob_coords(5.0))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        sdpa.forward_mae(x, "s")
-    assert len(calls) == 6                                   # "sdpa": the old behaviour, kept
+    coords = blob_coords(5.0)
+    x = torch.randn(4, len(coords))
+
+    def fused_calls(bf16: bool, **overrides) -> int:
+        calls.clear()
+        torch.manual_seed(0)
+        model = BrainEncoder(tiny(**overrides))
+        model.add_subject("s", coords)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model.forward_mae(x, "s")
+        return len(calls)
+
+    assert fused_calls(False, distance_bias=True) == 3            # fp32: the fused kernel (2 encoder + 1 decoder block)
+    assert fused_calls(True) == 3                                  # bf16 without a bias: fused (faster there)
+    assert fused_calls(True, distance_bias=True) == 0             # bf16 with the distance bias: explicit matmuls
+    assert fused_calls(True, distance_bias=True, attention_impl="sdpa") == 3   # the old behaviour, kept
 
 
 def test_cross_decoder_decodes_only_the_hidden_tokens_and_learns():

@@ -95,8 +95,8 @@ class BrainEncoderConfig:
     # MAE / MinD-Vis; "cross": only the hidden tokens are decoded, each cross-attending to the visible
     # ones (CrossMAE, Fu et al. 2024): fewer tokens through the decoder, no N x N attention.
     decoder_attention: str = "self"
-    # "auto": scaled_dot_product_attention, except explicit matmul-softmax attention for bf16 on a CPU
-    # (torch's fused CPU attention kernel is several times slower in bf16 than fp32: docs/stage1.md);
+    # "auto": scaled_dot_product_attention, except explicit matmul-softmax attention for bf16 with a
+    # distance bias on a CPU (faster there than torch's fused CPU kernel: docs/stage1.md);
     # "sdpa" / "math" force one. The same arithmetic either way.
     attention_impl: str = "auto"
     layer_norm_eps: float = 1e-6
@@ -309,9 +309,11 @@ def position_mlp(in_dim: int, width: int) -> nn.Sequential:
 
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, impl: str = "auto") -> Tensor:
     """softmax(q k^T / sqrt(d) + bias) v over (B, H, T, d) heads. "auto": torch's fused kernels
-    (flash / memory-efficient), except on a CPU in bf16, where explicit matmuls (bf16) and a softmax
-    (fp32) ran 2-4x faster than the fused CPU kernel (docs/stage1.md)."""
-    if impl == "sdpa" or (impl == "auto" and not (q.device.type == "cpu" and q.dtype == torch.bfloat16)):
+    (flash / memory-efficient), except with a bias (`distance_bias`) on a CPU in bf16, where explicit
+    matmuls (bf16) and a softmax (fp32) made the whole MinD-Vis-sized step 1.10x faster; without a
+    bias the fused kernel was 1.09x faster there (docs/stage1.md)."""
+    cpu_bf16_bias = q.device.type == "cpu" and q.dtype == torch.bfloat16 and bias is not None
+    if impl == "sdpa" or (impl == "auto" and not cpu_bf16_bias):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)              # (B, H, Tq, Tk)
     if bias is not None:
