@@ -25,9 +25,13 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Stage 1 against the MinD-Vis graph at its published config (bf16), then the scaling table
+# (bench_results/scaling.md = docs/performance.md's tables). ~10 min on 2 cores; run on a quiet machine.
 bench: $(STAMP)
 	@mkdir -p bench_results
-	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+	$(PY) benchmarks/bench_brain_encoder.py --configs mindvis --precisions bf16 --steps 5 --warmup 1 \
+	    --variants ours,ours-dist,ours-cross-dist,ours-sdpa-dist
+	$(PY) benchmarks/bench_scaling.py
 
 # The whole job on a simulated study; finished steps are reused (see mindsemantix/demo.py).
 demo: $(STAMP)

@@ -2,13 +2,17 @@
 
 One step = forward + backward + AdamW step (MinD-Vis's lr, betas, weight decay). Reports the median
 of `--steps` timed steps after `--warmup` untimed ones, in fp32 and under bf16 autocast, for the
-three configurations whose MinD-Vis numbers are in docs/stage1.md, "Training speed against
-MinD-Vis" (2-core AMD EPYC with avx512_bf16, 2 threads, idle machine; the MEASURED column), and
-beside ours, in the same run, `MindVisShapedMAE`: the compute graph of MinD-Vis's `MAEforFMRI`.
-That same-run ratio is the fair one on a machine that is shared or of another class; the ratio to
-the MEASURED column holds only on an idle machine of that class.
-The two models' steps are timed interleaved. Results go to bench_results/brain_encoder.json, one
-entry per device type, keyed by config/precision/model so partial reruns update in place.
+configurations whose MinD-Vis numbers are in docs/stage1.md, "Training speed against MinD-Vis"
+(the MEASURED column: another machine, so only a rough anchor), and beside ours, in the same run,
+`MindVisShapedMAE`: the compute graph of MinD-Vis's `MAEforFMRI` (timm blocks, fused attention).
+Every model of a row is timed interleaved with the others (A B C, C B A, ...), so the same-run
+ratio is the fair one. Our variants (`--variants`): the encoder with `distance_bias` off / on (the
+demo's), with the MAE decoder (`self`) or the CrossMAE one (`cross`), and `sdpa` = the attention
+before this benchmark's changes (torch's fused kernel also in bf16 on a CPU). The run also measures
+this machine's fp32 and bf16 matrix-product peaks (2048^3, median of 5) before and after, and
+reports each model's achieved GFLOP/s (of the FLOPs it actually executes) as % of them.
+Results go to bench_results/brain_encoder.json, one entry per device type, keyed by
+config/precision/model so partial reruns update in place.
 
     python benchmarks/bench_brain_encoder.py                      # CPU, all configs, 2 threads
     nice -n 5 python benchmarks/bench_brain_encoder.py --configs 8k,mindvis --precisions fp32
@@ -44,8 +48,34 @@ CONFIGS = {
     "8k": (8192, 32, (768, 12, 12), (512, 4, 16), 4.0, 1.24, 3.78),
     "mindvis": (4656, 16, (1024, 24, 16), (512, 8, 16), 1.0, 1.86, 3.94),
 }
-# Matrix-product peaks of this CPU class at 2 threads, GFLOP/s (docs/stage1.md).
-CPU_PEAK_GFLOPS = {"fp32": 207.0, "bf16": 919.0}
+# Our variants: name -> BrainEncoderConfig overrides.
+VARIANTS = {
+    "ours": {},                                                   # distance_bias off, MAE decoder
+    "ours-dist": {"distance_bias": True},                         # as the demo trains it
+    "ours-cross": {"decoder_attention": "cross"},
+    "ours-cross-dist": {"decoder_attention": "cross", "distance_bias": True},
+    "ours-sdpa": {"attention_impl": "sdpa"},                      # the attention before (fused kernel in bf16 too)
+    "ours-sdpa-dist": {"attention_impl": "sdpa", "distance_bias": True},
+}
+REFERENCE = "mindvis-shape"
+
+
+def matmul_peaks(device: torch.device, n: int = 2048, reps: int = 5) -> dict[str, float]:
+    """GFLOP/s of an n^3 matrix product in fp32 and bf16 on this device now (median of `reps`)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    peaks = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        a @ b
+        times = []
+        for _ in range(reps):
+            sync()
+            t0 = time.perf_counter()
+            a @ b
+            sync()
+            times.append(time.perf_counter() - t0)
+        peaks[name] = 2 * n**3 / statistics.median(times) / 1e9
+    return peaks
 
 
 class MindVisShapedMAE(nn.Module):
@@ -53,7 +83,7 @@ class MindVisShapedMAE(nn.Module):
 
     Conv1d patch embedding over voxels in index order, a cls token, fixed 1-D positions, timm's
     ViT block (pre-norm, fused qkv, scaled_dot_product_attention, GELU MLP: the same arithmetic as
-    our `Block`), mask tokens restored by gather, a shared Linear prediction, MSE on masked patches.
+    our `Block` with impl="sdpa"), mask tokens restored by gather, a shared Linear prediction, MSE on masked patches.
     Speed comparison only; the position values are random, not sin-cos.
     """
 
@@ -64,12 +94,12 @@ class MindVisShapedMAE(nn.Module):
         self.patch_embed = nn.Conv1d(1, width, kernel_size=patch, stride=patch)
         self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, width))
         self.register_buffer("pos", 0.02 * torch.randn(1, n + 1, width))
-        self.blocks = nn.ModuleList(Block(width, heads, mlp, 1e-6) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp, 1e-6, impl="sdpa") for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.decoder_embed = nn.Linear(width, dec_width)
         self.mask_token = nn.Parameter(0.02 * torch.randn(1, 1, dec_width))
         self.register_buffer("decoder_pos", 0.02 * torch.randn(1, n + 1, dec_width))
-        self.decoder_blocks = nn.ModuleList(Block(dec_width, dec_heads, mlp, 1e-6) for _ in range(dec_depth))
+        self.decoder_blocks = nn.ModuleList(Block(dec_width, dec_heads, mlp, 1e-6, impl="sdpa") for _ in range(dec_depth))
         self.decoder_norm = nn.LayerNorm(dec_width, eps=1e-6)
         self.decoder_pred = nn.Linear(dec_width, patch)
 
@@ -117,6 +147,18 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> list[str]:
+    """The CPU flags that decide bf16 speed (avx2 / avx512 / bf16 / amx)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return sorted(f for f in line.split(":", 1)[1].split()
+                              if f.startswith(("avx2", "avx512f", "avx512_bf16", "amx", "fma", "sve")))
+    except OSError:
+        pass
+    return []
+
+
 def roi_coords(n_voxels: int) -> np.ndarray:
     """(V, 3) mm coordinates of an ellipsoidal ROI on a 2 mm grid, C order, exactly V voxels."""
     r = 1.0
@@ -130,7 +172,7 @@ def roi_coords(n_voxels: int) -> np.ndarray:
 
 
 def step_gflop(cfg: BrainEncoderConfig, n_voxels: int, batch: int) -> float:
-    """Matrix-product GFLOP of one training step (forward x 3 for forward + backward)."""
+    """Matrix-product GFLOP one training step executes (forward x 3 for forward + backward)."""
     n_tok = -(-n_voxels // cfg.patch_size)
     keep = min(max(round(n_tok * (1 - cfg.mask_ratio)), 1), n_tok - 1)
 
@@ -139,11 +181,18 @@ def step_gflop(cfg: BrainEncoderConfig, n_voxels: int, batch: int) -> float:
         return depth * (2 * linear * batch * tokens + 4 * batch * tokens * tokens * width)
 
     dec_mlp = cfg.mlp_ratio if cfg.decoder_mlp_ratio is None else cfg.decoder_mlp_ratio
+    if cfg.decoder_attention == "cross":  # hidden tokens: q, out, MLP; visible: k, v; attention hidden x visible
+        Dd, hidden = cfg.decoder_width, n_tok - keep
+        linear = 2 * batch * (hidden * (2 * Dd * Dd + 2 * Dd * int(Dd * dec_mlp)) + keep * 2 * Dd * Dd)
+        decoder = cfg.decoder_depth * (linear + 4 * batch * hidden * keep * Dd)
+        head_tokens = hidden
+    else:
+        decoder, head_tokens = blocks(cfg.decoder_width, cfg.decoder_depth, dec_mlp, n_tok), n_tok
     fwd = (blocks(cfg.width, cfg.depth, cfg.mlp_ratio, keep)
-           + blocks(cfg.decoder_width, cfg.decoder_depth, dec_mlp, n_tok)
+           + decoder
            + 2 * batch * n_tok * (cfg.patch_size * cfg.subject_dim + cfg.subject_dim * cfg.width)   # tokenizer
            + 2 * batch * keep * cfg.width * cfg.decoder_width                                       # decoder embed
-           + 2 * batch * n_tok * (cfg.decoder_width * cfg.subject_dim + cfg.subject_dim * cfg.patch_size))  # head
+           + 2 * batch * head_tokens * (cfg.decoder_width * cfg.subject_dim + cfg.subject_dim * cfg.patch_size))  # head
     return 3 * fwd / 1e9
 
 
@@ -151,9 +200,9 @@ def build_step(name: str, model_kind: str, precision: str, device: torch.device,
     """One model of config `name` and a closure that runs and times one training step."""
     n_voxels, batch, (w, d, h), (dw, dd, dh), mlp, *_ = CONFIGS[name]
     cfg = BrainEncoderConfig(width=w, depth=d, heads=h, mlp_ratio=mlp, decoder_width=dw,
-                             decoder_depth=dd, decoder_heads=dh)
+                             decoder_depth=dd, decoder_heads=dh, **VARIANTS.get(model_kind, {}))
     torch.manual_seed(0)
-    if model_kind == "ours":
+    if model_kind != REFERENCE:
         model = BrainEncoder(cfg)
         model.add_subject("subj", roi_coords(n_voxels))
         loss_fn = lambda x: model.forward_mae(x, "subj").loss
@@ -178,15 +227,19 @@ def build_step(name: str, model_kind: str, precision: str, device: torch.device,
         sync()
         return time.perf_counter() - t0
 
-    info = {"config": name, "model": model_kind, "precision": precision, "voxels": n_voxels, "batch": batch,
+    if model_kind == REFERENCE:  # its graph: our MAE decoder's FLOPs (plus one cls token, ignored)
+        cfg = BrainEncoderConfig(width=w, depth=d, heads=h, mlp_ratio=mlp, decoder_width=dw, decoder_depth=dd,
+                                 decoder_heads=dh)
+    info = {"config": name, "model": model_kind, "settings": VARIANTS.get(model_kind, {}), "precision": precision,
+            "voxels": n_voxels, "batch": batch,
             "encoder": f"{w}x{d} h{h}", "decoder": f"{dw}x{dd} h{dh}", "mlp_ratio": mlp,
             "n_params": sum(p.numel() for p in model.parameters()), "gflop_per_step": step_gflop(cfg, n_voxels, batch)}
     return step, info
 
 
 def bench_models(name: str, kinds: list[str], precision: str, device: torch.device, steps: int, warmup: int,
-                 optimizer_impl: str) -> dict[str, dict]:
-    """Time the models' steps interleaved (A B, B A, A B, ...), so that load from other processes on
+                 optimizer_impl: str, peaks: dict[str, float]) -> dict[str, dict]:
+    """Time the models' steps interleaved (A B C, C B A, ...), so that load from other processes on
     a shared machine falls on all models alike instead of on whichever ran during a busy minute."""
     runs = {}
     for kind in kinds:
@@ -210,11 +263,11 @@ def bench_models(name: str, kinds: list[str], precision: str, device: torch.devi
                              "samples_per_s": info["batch"] / median, "mindvis_samples_per_s": anchor,
                              "ratio_to_mindvis": info["batch"] / median / anchor,
                              "achieved_gflops": info["gflop_per_step"] / median}
-        if device.type == "cpu":
-            r["pct_of_measured_peak"] = 100 * r["achieved_gflops"] / CPU_PEAK_GFLOPS[precision]
-    if "mindvis-shape" in results:
-        results["ours"]["ratio_to_mindvis_shape_same_run"] = (
-            results["ours"]["samples_per_s"] / results["mindvis-shape"]["samples_per_s"])
+        r["pct_of_matmul_peak_same_run"] = 100 * r["achieved_gflops"] / peaks[precision]
+    if REFERENCE in results:
+        for kind, r in results.items():
+            if kind != REFERENCE:
+                r["ratio_to_mindvis_shape_same_run"] = r["samples_per_s"] / results[REFERENCE]["samples_per_s"]
     return results
 
 
@@ -228,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the MEASURED column used 2)")
     ap.add_argument("--optimizer", default="fused", choices=["fused", "foreach", "loop"],
                     help="AdamW implementation (fused runs on CPU and CUDA in torch >= 2.4)")
+    ap.add_argument("--variants", default="ours,ours-dist,ours-cross,ours-cross-dist,ours-sdpa,ours-sdpa-dist",
+                    help=f"comma list of our variants, from {list(VARIANTS)}")
     ap.add_argument("--no-reference", action="store_true",
                     help="skip the same-run MinD-Vis-shaped baseline (MindVisShapedMAE)")
     ap.add_argument("--force-bf16", action="store_true", help="run bf16 on CPUs without fast bf16 matmuls")
@@ -245,16 +300,21 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = os.getloadavg()
     bf16_probe = cpu_bf16_matmul_gflops() if device.type == "cpu" else None
+    slow_bf16 = bf16_probe is not None and bf16_probe < 50 and not args.force_bf16
+    peaks = matmul_peaks(device, n=2048 if not slow_bf16 else 512)
+    print(f"matmul peaks now (2048^3, median of 5): fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s", flush=True)
     out = Path(args.out)
     device_info = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_bf16_matmul_gflops": bf16_probe,
+        "cpu_flags": cpu_flags(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16_matmul_gflops": bf16_probe, "matmul_peak_gflops_at_start": peaks,
         "torch": torch.__version__, "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
     }
 
     def record(kind: str, key: str, value: dict) -> None:
         """Merge one result into the JSON file now, so a long run that is stopped keeps its rows."""
         run = {"threads": args.threads, "optimizer": f"AdamW ({args.optimizer})", "steps": args.steps,
+               "matmul_peak_gflops": peaks,
                "warmup": args.warmup, "load_avg_at_start": load_before, "load_avg_at_end": os.getloadavg(),
                "note": args.note, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         data = {}
@@ -269,29 +329,34 @@ def main(argv: list[str] | None = None) -> int:
         entry.setdefault(kind, {})[key] = {**value, **run}   # keyed: partial reruns update in place
         write_json_atomic(out, data)
 
-    models = ["ours"] if args.no_reference else ["ours", "mindvis-shape"]
-    print(f"{'config':8} {'prec':5} {'batch':>5} {'ours/s':>9} {'ref/s':>9} {'ours/ref':>8} "
-          f"{'MEASURED':>9} {'ours/MEAS':>9} {'ours GFLOP/s':>12}", flush=True)
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    models = variants if args.no_reference else [REFERENCE, *variants]
+    print(f"{'config':8} {'prec':5} {'model':16} {'samples/s':>9} {'vs ref':>7} {'GFLOP/s':>8} {'% peak':>6} "
+          f"{'MEASURED':>9}", flush=True)
     for name in args.configs.split(","):
         if name not in CONFIGS:
             ap.error(f"unknown config {name!r}; choose from {list(CONFIGS)}")
         for precision in args.precisions.split(","):
             if precision not in ("fp32", "bf16"):
                 ap.error(f"unknown precision {precision!r}")
-            if precision == "bf16" and bf16_probe is not None and bf16_probe < 50 and not args.force_bf16:
+            if precision == "bf16" and slow_bf16:
                 why = (f"bf16 matmul runs at {bf16_probe:.1f} GFLOP/s on this CPU (capability "
                        f"{torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16/AMX): a step would take hours")
                 record("skipped", f"{name}/{precision}", {"config": name, "precision": precision, "reason": why})
                 print(f"{name:8} {precision:5} skipped: {why}", flush=True)
                 continue
-            row = bench_models(name, models, precision, device, args.steps, args.warmup, args.optimizer)
+            row = bench_models(name, models, precision, device, args.steps, args.warmup, args.optimizer, peaks)
             for m, r in row.items():
                 record("results", f"{name}/{precision}/{m}", r)
-            ours = row["ours"]
-            ref = row.get("mindvis-shape", {}).get("samples_per_s", float("nan"))
-            print(f"{name:8} {precision:5} {ours['batch']:>5} {ours['samples_per_s']:>9.2f} {ref:>9.2f} "
-                  f"{ours['samples_per_s'] / ref:>8.2f} {ours['mindvis_samples_per_s']:>9.2f} "
-                  f"{ours['ratio_to_mindvis']:>9.2f} {ours['achieved_gflops']:>12.0f}", flush=True)
+                print(f"{name:8} {precision:5} {m:16} {r['samples_per_s']:>9.2f} "
+                      f"{r.get('ratio_to_mindvis_shape_same_run', 1.0):>7.2f} {r['achieved_gflops']:>8.0f} "
+                      f"{r['pct_of_matmul_peak_same_run']:>6.0f} {r['mindvis_samples_per_s']:>9.2f}", flush=True)
+    peaks_end = matmul_peaks(device, n=2048 if not slow_bf16 else 512)
+    record("peaks", "end", {"matmul_peak_gflops_at_end": peaks_end})
+    print(f"matmul peaks at the end: fp32 {peaks_end['fp32']:.0f}, bf16 {peaks_end['bf16']:.0f} GFLOP/s")
     print(f"wrote {out} (1-min load average at start/end: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f})")
     return 0
 

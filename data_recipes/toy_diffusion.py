@@ -22,8 +22,10 @@ What makes it learn in minutes on two CPU cores (each measured, see docs/stage3.
     ground truth is available, 10% empty prompts for classifier-free guidance;
   * an exponential moving average of the UNet and text-encoder weights is what gets saved (as
     SD ships its EMA weights); with it, 1,200 steps show colour 0.40 (docs/stage3.md);
-  * bf16 autocast where bf16 arithmetic is fast (GPUs, CPUs with AVX512-BF16/AMX: ~4x fp32), fp32
-    elsewhere (an AVX2-only CPU emulates bf16 ~30x slower); fp32 weights and optimiser.
+  * bf16 autocast where it is measured to pay (mindsemantix/precision.py): the VAE and UNet phases
+    by the "conv" probe (a UNet block), the text-encoder pretraining by the "matmul" one. On AVX512-
+    BF16 CPUs without AMX the UNet step is ~1.7x slower in bf16 (the CPU attention kernel), so those
+    run fp32 there; AVX2-only CPUs emulate bf16 (~30x slower); fp32 weights and optimiser.
 
 The folder also holds `toy_sd.json`: the recipe, the data provenance, the timings, and the measured
 prompt faithfulness (below), and `samples.png`, a grid of prompts and their images.
@@ -97,7 +99,7 @@ class ToySDRecipe:
     # and most diffusion models ship theirs); the decay ramps up from 0 ((1 + n) / (10 + n) at step n)
     # so the average is useful after a few hundred steps. None: the raw weights.
     ema_decay: float | None = 0.995
-    bf16: bool | None = None  # None: where bf16 matrix work is fast (CUDA, CPUs with AVX512-BF16 / AMX)
+    bf16: bool | None = None  # None: per phase, where the probe measures that bf16 pays (mindsemantix/precision.py)
     # faithfulness check
     eval_scenes: int = 100
     eval_steps: int = 25
@@ -184,19 +186,25 @@ def load_study(nsd_root: str | Path, resolution: int, max_images: int | None = N
 # Phase 1: the autoencoder
 
 
-def bf16_is_fast(device: torch.device) -> bool:
-    """bf16 autocast pays only where the hardware has bf16 arithmetic: on a CPU without AVX512-BF16
-    or AMX, PyTorch falls back to scalar code for matrix products and convolutions (docs/stage2.md,
-    "CPU notes")."""
-    from mindsemantix import cli
+def bf16_is_fast(device: torch.device, kind: str = "conv") -> bool:
+    """Whether bf16 autocast pays for `kind` of work ("conv": the VAE and UNet; "matmul": the text
+    encoder alone) here: the stages' measured rule, MINDSEMANTIX_BF16 included."""
+    from mindsemantix import precision
 
-    return cli.bf16_is_fast(device.type)  # the stages' rule, MINDSEMANTIX_BF16 included
+    return precision.bf16_is_fast(device.type, kind)
 
 
-def _autocast(device: torch.device, enabled: bool | None):
+def _autocast(device: torch.device, enabled: bool | None, kind: str = "conv"):
     if enabled is None:
-        enabled = bf16_is_fast(device)
+        enabled = bf16_is_fast(device, kind)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def precision_used(recipe: ToySDRecipe, device: torch.device) -> dict[str, str]:
+    """Per training phase, "bf16" or "fp32" (for toy_sd.json and the demo's record)."""
+    kinds = {"vae": "conv", "text_pretrain": "matmul", "unet": "conv"}
+    return {phase: "bf16" if (recipe.bf16 if recipe.bf16 is not None else bf16_is_fast(device, kind)) else "fp32"
+            for phase, kind in kinds.items()}
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -331,7 +339,7 @@ def pretrain_text_encoder(pipe, latent_mean: torch.Tensor, prompts: list[list[st
         for step in range(recipe.text_pretrain_steps):
             idx = torch.randint(len(target), (recipe.unet_batch,), generator=g)
             ids = token_table[_draw_prompts(rng, idx.tolist(), refs, canon, recipe, 0.0)].to(device)
-            with _autocast(device, recipe.bf16):
+            with _autocast(device, recipe.bf16, "matmul"):
                 pooled = text_encoder(ids).pooler_output
                 loss = (w[idx].to(device) * (readout(pooled).float() - target[idx].to(device)) ** 2).mean()
             opt.zero_grad(set_to_none=True)
@@ -685,7 +693,7 @@ def build(nsd_root: str | Path, out: str | Path, recipe: ToySDRecipe, device: st
 
     summary = {
         "format": "mindsemantix-toy-sd/1", "fingerprint": fingerprint, "provenance": data.provenance,
-        "device": device, "threads": torch.get_num_threads(), "bf16": recipe.bf16 if recipe.bf16 is not None else bf16_is_fast(dev),
+        "device": device, "threads": torch.get_num_threads(), "precision": precision_used(recipe, dev),
         "vae": vae_stats, "text_pretrain": text_stats, "unet": unet_stats, "scaling_factor": pipe.vae.config.scaling_factor,
         "train_seconds": round(train_seconds, 1), "faithfulness": faithfulness,
         "versions": {"torch": torch.__version__, "python": platform.python_version(),

@@ -24,6 +24,9 @@ import sys
 import warnings
 from pathlib import Path
 
+# Precision is measured per kind of work (mindsemantix/precision.py); re-exported for pipeline.py and recipes.
+from mindsemantix.precision import BF16_ENV, auto_precision, bf16_is_fast, bf16_override  # noqa: F401
+
 # Non-Lightning subcommands: name -> module with `main(argv) -> int`.
 TOOLS = {
     "data": "mindsemantix.cli",
@@ -105,56 +108,6 @@ def deep_inspect_main(dataset: str, checksums: bool, shown: int = 50) -> int:
         print(f"... and {len(problems) - shown} more")
     print(f"deep check: {n} samples decoded, {len(problems)} problem(s)")
     return 1 if problems else 0
-
-
-def cpu_has_fast_bf16() -> bool:
-    """bf16 matrix products beat fp32 on CPUs with AVX512-BF16 or AMX; elsewhere (e.g. AVX2 only)
-    bf16 autocast is emulated and many times slower than fp32."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-BF16_ENV = "MINDSEMANTIX_BF16"
-
-
-def bf16_override() -> bool | None:
-    """MINDSEMANTIX_BF16=1 / 0 forces bf16 autocast on / off wherever the precision is automatic
-    (`trainer.precision: null`, the toy SD recipe): 0 reproduces fp32 results on bf16 hardware, 1
-    checks the bf16 path on hardware that emulates it. Unset or `auto`: decided by the hardware."""
-    value = os.environ.get(BF16_ENV, "auto").strip().lower()
-    if value in ("", "auto"):
-        return None
-    if value in ("1", "true", "on"):
-        return True
-    if value in ("0", "false", "off"):
-        return False
-    raise ValueError(f"{BF16_ENV}={value!r}: use 1, 0 or auto")
-
-
-def bf16_is_fast(device_type: str) -> bool:
-    """Whether bf16 autocast pays on this device type ("cuda" / "cpu"): GPUs with bf16, CPUs with
-    AVX512-BF16/AMX; MINDSEMANTIX_BF16 overrides."""
-    import torch
-
-    forced = bf16_override()
-    if forced is not None:
-        return forced
-    if device_type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device_type == "cpu" and cpu_has_fast_bf16()
-
-
-def auto_precision(accelerator: str | None = "auto") -> str:
-    """`trainer.precision: null` in a config means: bf16-mixed where bf16 is fast (`bf16_is_fast`)
-    on the device the run gets, else 32-true."""
-    import torch
-
-    wants_gpu = accelerator in (None, "auto", "gpu", "cuda")
-    device_type = "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
-    return "bf16-mixed" if bf16_is_fast(device_type) else "32-true"
 
 
 def add_run_csv_logger(cfg, subcommand: str | None) -> None:

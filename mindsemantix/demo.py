@@ -7,7 +7,9 @@ one after another.
 
 Every step has an output that marks it finished (a manifest, an export, a JSON file, all written
 atomically), so re-running skips finished steps and a training step that was cut short resumes from
-its last checkpoint (`--ckpt_path last`). Timings go to `reports/<run>/demo_timings.json`.
+its last checkpoint (`--ckpt_path last`). Timings go to `reports/<run>/demo_timings.json` (step ->
+seconds), and the precision each step's parts ran in to `reports/<run>/demo_precision.json` (step ->
+{part: "bf16" | "fp32"}, as the automatic precision of mindsemantix/precision.py decides it here).
 
 A step is reused only if it was made by the same command and the same config / recipe files (their
 contents, e.g. after a `git pull` that changed `stages/align.yaml`) as every step it depends on
@@ -51,6 +53,29 @@ STUDY_FLAGS = {
 }
 DEFAULT_SUBJECTS = {"default": 4, "tiny": 2}
 TOY_SD_SCALE = {"default": "demo", "tiny": "tiny"}
+
+
+# The kind of work of each automatic-precision part of a step (mindsemantix/precision.py); steps not
+# listed run no autocast (fp32). "trainer": the stage's `precision: null`.
+PRECISION_PARTS = {
+    "train toy SD": {"vae": "conv", "text_pretrain": "matmul", "unet": "conv"},
+    "stage 1: pretrain": {"trainer": "matmul"},
+    "stage 2: align (representation)": {"trainer": "matmul"},
+    "stage 2: align (generative)": {"trainer": "matmul"},
+    "stage 2: captions": {"trainer": "matmul"},
+    "stage 3: reconstruct (fit)": {"trainer": "matmul", "vae_encode": "conv"},
+    "stage 3: reconstruct (predict)": {"trainer": "matmul", "sd_sampling": "conv"},
+}
+
+
+def step_precision(name: str) -> dict[str, str]:
+    """{part: "bf16" | "fp32"} a step's automatic precision gives on this machine's CPU."""
+    from mindsemantix.precision import precision_name
+
+    parts = PRECISION_PARTS.get(name)
+    if parts is None:
+        return {"all": "fp32"}
+    return {part: precision_name("cpu", kind) for part, kind in parts.items()}
 
 
 @dataclass
@@ -241,6 +266,9 @@ def run_steps(steps: Sequence[Step], timings_path: Path, force: bool = False, re
     """Run the steps in order, reusing finished ones (see the module doc). `records_path`: the JSON of
     step fingerprints, keyed by each step's `done` path."""
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() and not force else {}
+    precision_path = timings_path.with_name("demo_precision.json")  # beside the timings
+    precisions: dict[str, dict[str, str]] = (json.loads(precision_path.read_text())
+                                             if precision_path.is_file() and not force else {})
     records: dict[str, str] = {}
     if records_path is not None and records_path.is_file():
         records = json.loads(records_path.read_text())
@@ -283,6 +311,8 @@ def run_steps(steps: Sequence[Step], timings_path: Path, force: bool = False, re
             raise SystemExit(f"demo: step '{step.name}' exited 0 but did not write {step.done}")
         timings[step.name] = round(seconds, 1)
         write_json_atomic(timings_path, timings)
+        precisions[step.name] = step_precision(step.name)
+        write_json_atomic(precision_path, precisions)
         print(f"{header}: {seconds:.0f} s", flush=True)
     print(f"\ndemo: steps run now took {time.perf_counter() - total_start:.0f} s", flush=True)
     return timings

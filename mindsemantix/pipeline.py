@@ -36,6 +36,7 @@ from mindsemantix.export import load_export, reference, resolve_reference
 from mindsemantix.io import atomic_dir, read_format_json
 from mindsemantix.models.captioner import BrainCaptioner
 from mindsemantix.models.latent_head import LatentHead
+from mindsemantix.precision import fp32_unless_fast
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class MindSemantixPipeline:
         from mindsemantix.cli import bf16_is_fast
 
         precision = self.settings.get("precision", "auto")
-        if precision == "bf16" or (precision == "auto" and bf16_is_fast("cpu")):
+        if precision == "bf16" or (precision == "auto" and bf16_is_fast("cpu", "matmul")):
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return nullcontext()
 
@@ -129,7 +130,8 @@ class MindSemantixPipeline:
                 captions += texts
                 if images:
                     latents = self.head(self.captioner.query_outputs(batch, subject).float())["latent"]
-                    full = self.reconstructor.full_mean(texts, latents, batch_keys, int(self.settings.get("n_candidates", 1)))
+                    with fp32_unless_fast("cpu", "conv"):  # as stage 3's predict runs SD
+                        full = self.reconstructor.full_mean(texts, latents, batch_keys, int(self.settings.get("n_candidates", 1)))
                     pictures += [to_pil(im) for im in full]
         return DecodeOutput(keys, captions, pictures if images else None)
 

@@ -158,22 +158,28 @@ def test_loss_against_a_separate_target():
         run(target=y[:4])
 
 
-def test_loss_falls_below_predicting_the_mean_on_a_tiny_run():
-    torch.manual_seed(0)
-    coords = blob_coords(6.0)
-    model = BrainEncoder(tiny())
-    model.add_subject("s", coords)
-    data = structured_fmri(coords, 256, seed=0)
+def train_briefly(model: BrainEncoder, data: torch.Tensor, steps: int = 30) -> tuple[list[float], list[float]]:
+    """MAE steps on subject "s"; per step the loss and the loss of predicting 0 (the data are
+    z-scored: predicting the mean) at the masked voxels."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
-    losses, predict_zero = [], []   # data are z-scored: predicting 0 is predicting the mean
-    for step in range(30):
-        batch = data[(step * 32) % 256:][:32]
+    losses, predict_zero = [], []
+    for step in range(steps):
+        batch = data[(step * 32) % len(data):][:32]
         out = model.forward_mae(batch, "s")
         opt.zero_grad()
         out.loss.backward()
         opt.step()
         losses.append(out.loss.item())
         predict_zero.append((batch[out.mask] ** 2).mean().item())
+    return losses, predict_zero
+
+
+def test_loss_falls_below_predicting_the_mean_on_a_tiny_run():
+    torch.manual_seed(0)
+    coords = blob_coords(6.0)
+    model = BrainEncoder(tiny())
+    model.add_subject("s", coords)
+    losses, predict_zero = train_briefly(model, structured_fmri(coords, 256, seed=0))
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), losses
     # Not just the per-voxel mean: masked voxels are inferred from the visible ones.
     assert np.mean(losses[-5:]) < 0.8 * np.mean(predict_zero[-5:]), (losses, predict_zero)
@@ -343,3 +349,75 @@ def test_cuda_bf16_flash_attention_matches_cpu_fp32():
     assert torch.isfinite(out.loss) and out.pred.dtype == torch.float32
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# -- speed options: attention implementation, CrossMAE decoder -------------------------------------
+
+def test_math_attention_computes_what_the_fused_kernel_does():
+    coords = blob_coords(5.0)
+    x = torch.randn(4, len(coords))
+    losses, grads = {}, {}
+    for impl in ("sdpa", "math"):
+        torch.manual_seed(0)
+        model = BrainEncoder(tiny(distance_bias=True, attention_impl=impl))
+        model.add_subject("s", coords)
+        out = model.forward_mae(x, "s", generator=torch.Generator().manual_seed(3))
+        out.loss.backward()
+        losses[impl], grads[impl] = out.loss.item(), model.blocks[0].attn.qkv.weight.grad
+    assert losses["math"] == pytest.approx(losses["sdpa"], rel=1e-5)
+    assert torch.allclose(grads["math"], grads["sdpa"], atol=1e-5)
+
+
+def test_auto_attention_avoids_the_fused_cpu_kernel_for_biased_bf16_only(monkeypatch):
+    import mindsemantix.models.brain_encoder as be
+
+    calls = []
+    fused = be.F.scaled_dot_product_attention
+    monkeypatch.setattr(be.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    coords = blob_coords(5.0)
+    x = torch.randn(4, len(coords))
+
+    def fused_calls(bf16: bool, **overrides) -> int:
+        calls.clear()
+        torch.manual_seed(0)
+        model = BrainEncoder(tiny(**overrides))
+        model.add_subject("s", coords)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model.forward_mae(x, "s")
+        return len(calls)
+
+    assert fused_calls(False, distance_bias=True) == 3            # fp32: the fused kernel (2 encoder + 1 decoder block)
+    assert fused_calls(True) == 3                                  # bf16 without a bias: fused (faster there)
+    assert fused_calls(True, distance_bias=True) == 0             # bf16 with the distance bias: explicit matmuls
+    assert fused_calls(True, distance_bias=True, attention_impl="sdpa") == 3   # the old behaviour, kept
+
+
+def test_cross_decoder_decodes_only_the_hidden_tokens_and_learns():
+    torch.manual_seed(0)
+    coords = blob_coords(6.0)
+    model = BrainEncoder(tiny(decoder_attention="cross", distance_bias=True))
+    model.add_subject("s", coords)
+    seen = []
+    model.decoder.blocks[0].register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
+    data = structured_fmri(coords, 256, seed=0)
+    N = model.n_tokens("s")
+    out = model.forward_mae(data[:8], "s")
+    n_hidden = int(out.patch_mask[0].sum())
+    assert seen == [(8, n_hidden, model.config.decoder_width)] and n_hidden == N - round(N * 0.25)
+    assert torch.equal(out.pred[~out.mask], data[:8][~out.mask])       # visible voxels: the input, unscored
+    losses, predict_zero = train_briefly(model, data)
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(predict_zero[-5:]), (losses, predict_zero)
+
+
+def test_cross_decoder_export_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = BrainEncoder(tiny(decoder_attention="cross"))
+    model.add_subject("s", blob_coords(5.0))
+    x = torch.randn(4, model.tokenizers["s"].n_voxels)
+    ref = model.forward_mae(x, "s", generator=torch.Generator().manual_seed(0)).loss
+    model.save_pretrained(tmp_path / "e")
+    again = BrainEncoder.from_pretrained(tmp_path / "e")
+    assert again.config.decoder_attention == "cross"
+    assert again.forward_mae(x, "s", generator=torch.Generator().manual_seed(0)).loss.item() == pytest.approx(ref.item())
+    with pytest.raises(ValueError, match="decoder_attention"):
+        tiny(decoder_attention="both")

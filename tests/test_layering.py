@@ -14,7 +14,7 @@ PACKAGE = Path(mindsemantix.__file__).parent
 
 # What each layer may import (besides itself). Modules not listed are entry points: anything.
 LAYERS = {
-    "base": {"io", "export", "numerics"},
+    "base": {"io", "export", "numerics", "precision"},
     "data": {"data", "simulate"},
     "models": {"models"},
     "stages": {"stages"},

@@ -132,19 +132,3 @@ def test_unet_training_saves_the_moving_average_of_the_weights():
     final = params()
     assert all(torch.allclose(f, e, atol=1e-6) for f, e in zip(final, expected))
     assert max((f - r).abs().max().item() for f, r in zip(final, raw)) > 1e-4  # not the last raw weights
-
-
-def test_mindsemantix_bf16_forces_the_automatic_precision_both_ways(monkeypatch):
-    from mindsemantix import cli
-
-    monkeypatch.setattr(cli, "cpu_has_fast_bf16", lambda: False)  # this CPU: fp32 unless forced
-    monkeypatch.delenv("MINDSEMANTIX_BF16", raising=False)
-    assert cli.auto_precision("cpu") == "32-true" and not T.bf16_is_fast(torch.device("cpu"))
-    monkeypatch.setenv("MINDSEMANTIX_BF16", "1")
-    assert cli.auto_precision("cpu") == "bf16-mixed" and T.bf16_is_fast(torch.device("cpu"))
-    monkeypatch.setattr(cli, "cpu_has_fast_bf16", lambda: True)
-    monkeypatch.setenv("MINDSEMANTIX_BF16", "0")
-    assert cli.auto_precision("auto") == "32-true" and not T.bf16_is_fast(torch.device("cpu"))
-    monkeypatch.setenv("MINDSEMANTIX_BF16", "maybe")
-    with pytest.raises(ValueError, match="MINDSEMANTIX_BF16='maybe'"):
-        cli.auto_precision("cpu")

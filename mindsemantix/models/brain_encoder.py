@@ -69,6 +69,9 @@ from mindsemantix.export import ExportError, load_export, save_export
 EXPORT_KIND = "brain_encoder"
 
 
+ATTENTION_IMPLS = ("auto", "sdpa", "math")
+
+
 @dataclass(frozen=True)
 class BrainEncoderConfig:
     patch_size: int = 16          # voxels per token
@@ -88,6 +91,14 @@ class BrainEncoderConfig:
     pos_max_wavelength_mm: float = 256.0
     center_coords: bool = True    # coordinates relative to the subject's ROI centroid
     distance_bias: bool = False   # attention logits - k_h * (distance between token centroids)^2, k_h learned
+    # "self": the decoder runs self-attention over all N tokens (mask tokens at the hidden places), as
+    # MAE / MinD-Vis; "cross": only the hidden tokens are decoded, each cross-attending to the visible
+    # ones (CrossMAE, Fu et al. 2024): fewer tokens through the decoder, no N x N attention.
+    decoder_attention: str = "self"
+    # "auto": scaled_dot_product_attention, except explicit matmul-softmax attention for bf16 with a
+    # distance bias on a CPU (faster there than torch's fused CPU kernel: docs/stage1.md);
+    # "sdpa" / "math" force one. The same arithmetic either way.
+    attention_impl: str = "auto"
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -101,6 +112,10 @@ class BrainEncoderConfig:
             raise ValueError(f"decoder_width {self.decoder_width} is not divisible by decoder_heads {self.decoder_heads}")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.decoder_attention not in ("self", "cross"):
+            raise ValueError(f"decoder_attention must be 'self' or 'cross', got {self.decoder_attention!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "BrainEncoderConfig":
@@ -343,15 +358,29 @@ def position_mlp(in_dim: int, width: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, width), nn.GELU(), nn.Linear(width, width))
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention; with `distance_bias`, head h adds -k_h * d_ij^2 to its logits
-    (d_ij: mm distance between the tokens' patch centroids), k_h learned, starting from widths
-    sqrt(1 / 2k_h) geometric in [8, 64] mm: local heads from the first step (neighbouring patches
-    carry most of what a hidden patch holds), free to widen or narrow."""
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, impl: str = "auto") -> Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v over (B, H, T, d) heads. "auto": torch's fused kernels
+    (flash / memory-efficient), except with a bias (`distance_bias`) on a CPU in bf16, where explicit
+    matmuls (bf16) and a softmax (fp32) made the whole MinD-Vis-sized step 1.10x faster; without a
+    bias the fused kernel was 1.09x faster there (docs/stage1.md)."""
+    cpu_bf16_bias = q.device.type == "cpu" and q.dtype == torch.bfloat16 and bias is not None
+    if impl == "sdpa" or (impl == "auto" and not cpu_bf16_bias):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)              # (B, H, Tq, Tk)
+    if bias is not None:
+        logits = logits + bias
+    return logits.float().softmax(-1).to(v.dtype) @ v                     # (B, H, Tq, d)
 
-    def __init__(self, width: int, heads: int, distance_bias: bool = False):
+
+class Attention(nn.Module):
+    """Multi-head self-attention, or cross-attention when `context` is given; with `distance_bias`,
+    head h adds -k_h * d_ij^2 to its logits (d_ij: mm distance between the tokens' patch centroids),
+    k_h learned, starting from widths sqrt(1 / 2k_h) geometric in [8, 64] mm: local heads from the
+    first step (neighbouring patches carry most of what a hidden patch holds), free to widen or narrow."""
+
+    def __init__(self, width: int, heads: int, distance_bias: bool = False, impl: str = "auto"):
         super().__init__()
-        self.heads = heads
+        self.heads, self.impl = heads, impl
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.log_k = None
@@ -359,31 +388,40 @@ class Attention(nn.Module):
             sigma_mm = torch.logspace(math.log10(8.0), math.log10(64.0), heads)
             self.log_k = nn.Parameter(-torch.log(2 * sigma_mm ** 2))   # (H,)
 
-    def forward(self, x: Tensor, dist2: Tensor | None = None) -> Tensor:
-        """x (B, T, D); dist2 (B or 1, T, T) squared centroid distances in mm^2 (used with distance_bias)."""
+    def forward(self, x: Tensor, dist2: Tensor | None = None, context: Tensor | None = None) -> Tensor:
+        """x (B, T, D) queries; context (B, S, D) keys/values (None: x itself); dist2 (B or 1, T, S)
+        squared centroid distances in mm^2 (used with distance_bias)."""
         B, T, D = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)                                   # each (B, H, T, D/H)
+        H, d = self.heads, D // self.heads
+        if context is None:
+            q, k, v = self.qkv(x).view(B, T, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, d)
+        else:  # the same projections, queries from x, keys and values from the context
+            w_q, w_kv = self.qkv.weight.split([D, 2 * D])
+            b_q, b_kv = self.qkv.bias.split([D, 2 * D])
+            q = F.linear(x, w_q, b_q).view(B, T, H, d).transpose(1, 2)                      # (B, H, T, d)
+            k, v = F.linear(context, w_kv, b_kv).view(B, -1, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, S, d)
         bias = None
         if self.log_k is not None and dist2 is not None:
-            bias = (-self.log_k.exp()[:, None, None] * dist2[:, None]).to(q.dtype)  # (B|1, H, T, T)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # flash / efficient kernels
+            bias = (-self.log_k.exp()[:, None, None] * dist2[:, None]).to(q.dtype)  # (B|1, H, T, S)
+        x = attention(q, k, v, bias, self.impl)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, eps: float, distance_bias: bool = False):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, eps: float, distance_bias: bool = False,
+                 impl: str = "auto"):
         super().__init__()
         hidden = int(width * mlp_ratio)
         self.norm1 = nn.LayerNorm(width, eps=eps)
-        self.attn = Attention(width, heads, distance_bias)
+        self.attn = Attention(width, heads, distance_bias, impl)
         self.norm2 = nn.LayerNorm(width, eps=eps)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
-    def forward(self, x: Tensor, dist2: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), dist2)
+    def forward(self, x: Tensor, dist2: Tensor | None = None, context: Tensor | None = None) -> Tensor:
+        """Self-attention block, or with `context` (B, S, D) (already normalised) a cross-attention block."""
+        x = x + self.attn(self.norm1(x), dist2, context)
         return x + self.mlp(self.norm2(x))
 
 
@@ -402,7 +440,11 @@ class MAEDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(cfg.decoder_width))
         self.pos = position_mlp(fourier_dim, cfg.decoder_width)
         self.blocks = nn.ModuleList(Block(cfg.decoder_width, cfg.decoder_heads, mlp_ratio, cfg.layer_norm_eps,
-                                          cfg.distance_bias) for _ in range(cfg.decoder_depth))
+                                          cfg.distance_bias, cfg.attention_impl) for _ in range(cfg.decoder_depth))
+        # decoder_attention "cross": the visible tokens (keys / values) are normalised once per block
+        self.context_norms = (nn.ModuleList(nn.LayerNorm(cfg.decoder_width, eps=cfg.layer_norm_eps)
+                                            for _ in range(cfg.decoder_depth))
+                              if cfg.decoder_attention == "cross" else None)
         self.norm = nn.LayerNorm(cfg.decoder_width, eps=cfg.layer_norm_eps)
         self.to_subject = nn.Linear(cfg.decoder_width, cfg.subject_dim)  # shared D_dec -> r
         self.heads = nn.ModuleDict()                                      # subject -> SubjectHead
@@ -438,8 +480,8 @@ class BrainEncoder(nn.Module):
         self.tokenizers = nn.ModuleDict()                                # subject -> SubjectTokenizer
         self.from_subject = nn.Linear(cfg.subject_dim, cfg.width)        # shared r -> D
         self.pos = position_mlp(self.fourier.out_dim, cfg.width)
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.layer_norm_eps, cfg.distance_bias)
-                                    for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.layer_norm_eps, cfg.distance_bias,
+                                          cfg.attention_impl) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.decoder = MAEDecoder(cfg, self.fourier.out_dim) if with_decoder else None
         # Refuse NaN/inf input with a clear error. Costs one host-device sync per call on a GPU,
@@ -560,7 +602,8 @@ class BrainEncoder(nn.Module):
         # all N tokens before selecting costs <= 1% of the step's FLOPs and fewer kernels than
         # selecting subject features and positions separately.)
         noise = torch.rand(B, N, device=patches.device, generator=generator)
-        keep = noise.argsort(dim=1)[:, :n_keep]                            # (B, K) kept token ids
+        order = noise.argsort(dim=1)
+        keep = order[:, :n_keep]                                           # (B, K) kept token ids
         x = torch.gather(x, 1, keep[:, :, None].expand(-1, -1, x.shape[2]))  # (B, K, D)
         dist2 = dec_dist2 = None
         if self.config.distance_bias:
@@ -572,13 +615,17 @@ class BrainEncoder(nn.Module):
 
         dec = self.decoder
         y = dec.embed(x)                                                   # (B, K, Dd)
-        # Encoded tokens back at their places, the mask token everywhere else.
-        full = dec.mask_token.to(y.dtype).expand(B, N, -1)
-        y = full.scatter(1, keep[:, :, None].expand(-1, -1, y.shape[2]), y)  # (B, N, Dd)
-        y = y + dec.pos(fourier).to(y.dtype)
-        for blk in dec.blocks:
-            y = blk(y, dec_dist2)
-        pred = dec.heads[subject](dec.to_subject(dec.norm(y))).float()    # (B, N, P)
+        dec_pos = dec.pos(fourier).to(y.dtype)                             # (N, Dd)
+        if self.config.decoder_attention == "cross":
+            pred = self._decode_cross(subject, y, dec_pos, keep, order[:, n_keep:], dec_dist2, patches)
+        else:
+            # Encoded tokens back at their places, the mask token everywhere else.
+            full = dec.mask_token.to(y.dtype).expand(B, N, -1)
+            y = full.scatter(1, keep[:, :, None].expand(-1, -1, y.shape[2]), y)  # (B, N, Dd)
+            y = y + dec_pos
+            for blk in dec.blocks:
+                y = blk(y, dec_dist2)
+            pred = dec.heads[subject](dec.to_subject(dec.norm(y))).float()    # (B, N, P)
 
         patch_mask = torch.ones(B, N, dtype=torch.bool, device=patches.device)
         patch_mask.scatter_(1, keep, False)                                # (B, N) True = masked
@@ -586,6 +633,25 @@ class BrainEncoder(nn.Module):
         loss = ((pred - target_patches.float()) ** 2).masked_fill(~counted, 0.0).sum() / counted.sum()
         voxel_mask = patch_mask[:, tok.voxel_patch]                        # (B, V)
         return MAEOutput(loss=loss, pred=tok.unpatchify(pred), mask=voxel_mask, patch_mask=patch_mask)
+
+    def _decode_cross(self, subject: str, y: Tensor, dec_pos: Tensor, keep: Tensor, hidden: Tensor,
+                      dec_dist2: Tensor | None, patches: Tensor) -> Tensor:
+        """CrossMAE decoding: the hidden tokens (mask token + position) cross-attend, block by block,
+        to the visible ones (encoded + position), which are not updated. Returns (B, N, P): decoded
+        values at the hidden patches, the input itself at the visible ones (never scored)."""
+        dec = self.decoder
+        B, K, Dd = y.shape
+        context = y + dec_pos[keep]                                        # (B, K, Dd) visible
+        q = dec.mask_token.to(y.dtype) + dec_pos[hidden]                   # (B, M, Dd) hidden
+        dist2 = dec_dist2[0][hidden[:, :, None], keep[:, None, :]] if dec_dist2 is not None else None  # (B, M, K)
+        for blk, norm in zip(dec.blocks, dec.context_norms):
+            q = blk(q, dist2, norm(context))
+        head = dec.heads[subject]
+        feats = dec.to_subject(dec.norm(q))                                # (B, M, r)
+        # the hidden patches' own per-patch maps: (B, M, r) x (B, M, r, P) -> (B, M, P)
+        pred_hidden = torch.einsum("bmr,bmrp->bmp", feats, head.weight[hidden].to(feats.dtype)) + head.bias[hidden]
+        pred = patches.float().clone()                                     # (B, N, P) visible: the input
+        return pred.scatter(1, hidden[:, :, None].expand(-1, -1, pred.shape[2]), pred_hidden.float())
 
     def _embed(self, tok: SubjectTokenizer, patches: Tensor, fourier: Tensor) -> Tensor:
         """Patches (B, N, P) -> tokens (B, N, D): subject map, shared projection, positions."""

@@ -40,6 +40,7 @@ from mindsemantix.io import write_json_atomic
 from mindsemantix.models.diffusion import VARIANTS, Reconstructor, SamplingConfig, load_stable_diffusion, pipeline_modules
 from mindsemantix.models.frozen_features import FrozenFeatures
 from mindsemantix.models.latent_head import EXPORT_KIND, BrainRepresentation, LatentHead, LatentHeadConfig
+from mindsemantix.precision import fp32_unless_fast
 from mindsemantix.stages.base import StageModule, as_dict, settings
 
 log = logging.getLogger(__name__)
@@ -328,7 +329,8 @@ class BrainReconstruct(StageModule):
         ids = batch["image_id"].tolist()
         if self.latent_cache is not None and self.vision is None and all(i in self.latent_cache for i in ids):
             return self.latent_cache.get(ids).to(self.device), None
-        found = self._targets(batch["image_id"], batch["image"], self.device)
+        with fp32_unless_fast(self.device.type, "conv"):  # the VAE: bf16 only where convolutions pay
+            found = self._targets(batch["image_id"], batch["image"], self.device)
         return found["latent"], found.get("embedding")
 
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -410,10 +412,11 @@ class BrainReconstruct(StageModule):
         seconds: dict[str, float] = {}
         for v in variants:
             start = time.perf_counter()
-            if v == "full" and self.n_candidates > 1:
-                images[v] = self.combine(keys, prompts, latents, pred.get("embedding"))
-            else:
-                images.update(self.reconstructor.reconstruct(keys, prompts, latents, [v]))
+            with fp32_unless_fast(self.device.type, "conv"):  # SD sampling: bf16 only where its kind of work pays
+                if v == "full" and self.n_candidates > 1:
+                    images[v] = self.combine(keys, prompts, latents, pred.get("embedding"))
+                else:
+                    images.update(self.reconstructor.reconstruct(keys, prompts, latents, [v]))
             seconds[v] = (time.perf_counter() - start) / len(keys)
         seen = batch.get("image")
         return [{"key": key, "decoded": prompts[i] if prompts else None,
