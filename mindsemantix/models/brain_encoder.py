@@ -158,6 +158,9 @@ class BrainEncoderOverrides:
         pos_max_wavelength_mm: longest wavelength in mm.
         center_coords: coordinates relative to the subject's ROI centroid.
         distance_bias: attention logits minus k_h * (distance between token centroids)^2, k_h learned.
+        decoder_attention: "self" (MAE: the decoder attends over all tokens) or "cross" (CrossMAE: the
+            hidden tokens cross-attend to the visible ones only; cheaper, docs/stage1.md).
+        attention_impl: "auto", "sdpa" or "math" (explicit matrix products; docs/stage1.md).
         layer_norm_eps: LayerNorm epsilon.
     """
 
@@ -178,6 +181,8 @@ class BrainEncoderOverrides:
     pos_max_wavelength_mm: float | None = None
     center_coords: bool | None = None
     distance_bias: bool | None = None
+    decoder_attention: str | None = None
+    attention_impl: str | None = None
     layer_norm_eps: float | None = None
 
     def changes(self) -> dict[str, Any]:
