@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -35,7 +34,7 @@ from mindsemantix.export import EXPORT_FORMAT
 from mindsemantix.io import atomic_dir
 from mindsemantix.models.captioner import EXPORT_KIND, BrainCaptioner, all_tensors
 from mindsemantix.models.qformer import caption_word_targets, representation_losses
-from mindsemantix.stages.base import StageModule
+from mindsemantix.stages.base import WeightedLossStage
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ class AdaptError(ValueError):
     """A bundle or data that adapt cannot use, with the reason."""
 
 
-class BrainAdapt(StageModule):
+class BrainAdapt(WeightedLossStage):
     """Adds one subject to a trained bundle and trains only its input layers.
 
     Args:
@@ -64,6 +63,7 @@ class BrainAdapt(StageModule):
     def __init__(self, bundle: str, subject: str, itc: float = 1.0, itg: float = 1.0, lr: float = 3e-3,
                  weight_decay: float = 0.05, warmup_steps: int = 20, **kwargs: Any):
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, **kwargs)
+        self.weights = {"itc": itc, "itg": itg}
         self.save_hyperparameters()
         if itc <= 0 and itg <= 0:
             raise ValueError("adapt needs itc > 0 or itg > 0: nothing else trains the new subject")
@@ -125,33 +125,14 @@ class BrainAdapt(StageModule):
 
     # -- losses --------------------------------------------------------------------------------------
 
-    def _step(self, batch: dict[str, Any], stage: str) -> Tensor:
+    def compute_losses(self, batch: dict[str, Any], train: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         if batch["subject"] != self.subject:
             raise AdaptError(f"a batch of {batch['subject']!r}: adapt trains {self.subject!r} only")
-        if stage == "train":  # a fresh reference caption per sample and step (as stage 2)
-            picks = torch.randint(0, 1 << 30, (len(batch["captions"]),)).tolist()
-            captions = [c[p % len(c)] for c, p in zip(batch["captions"], picks)]
-        else:
-            captions = [c[0] for c in batch["captions"]]
+        captions = self.pick_captions(batch["captions"], train)                     # as stage 2
         brain, bias = self.captioner.brain_inputs(batch["fmri"], self.subject)      # (B, N, D), (B, Q, H)
-        w = {"itc": self.hparams.itc, "itg": self.hparams.itg}
         rep = representation_losses(self.captioner.qformer, brain, captions, batch["image_id"].to(self.device),
-                                    itc=w["itc"] > 0, itm=False, itg=w["itg"] > 0, query_bias=bias)
-        total = sum(w[k] * v for k, v in rep.losses.items())
-        B = len(batch["key"])
-        self.log(f"{stage}/loss", total, prog_bar=True, batch_size=B, sync_dist=stage != "train")
-        self.log_dict({f"{stage}/{k}": v for k, v in {**rep.losses, **rep.metrics}.items()}, batch_size=B,
-                      sync_dist=stage != "train")
-        return total
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        return self.guard_loss(self._step(batch, "train"), batch)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
+                                    itc=self.weights["itc"] > 0, itm=False, itg=self.weights["itg"] > 0, query_bias=bias)
+        return rep.losses, rep.metrics
 
     # -- the new bundle --------------------------------------------------------------------------------
 

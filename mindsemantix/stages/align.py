@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
@@ -46,7 +45,7 @@ from mindsemantix.models.llm_bridge import GenerationSettings, LLMBridge, LoraSe
 from mindsemantix.models.pretrained import SMOLLM2, load_vision_encoder
 from mindsemantix.models.qformer import (BrainQFormer, FeatureQueue, QFormerConfig, RidgeReadout,
                                          caption_word_targets, representation_losses, vision_alignment_loss)
-from mindsemantix.stages.base import StageModule, as_dict, settings
+from mindsemantix.stages.base import WeightedLossStage, as_dict, settings
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +79,7 @@ def default_loss_weights(phase: str, vision: bool) -> dict[str, float]:
     return {"itc": 0.0, "itm": 0.0, "itg": 0.0, "vision": 0.0, "lm": 1.0}
 
 
-class BrainAlign(StageModule):
+class BrainAlign(WeightedLossStage):
     """Stage-2 LightningModule (all arguments settable from the YAML config).
 
     Args:
@@ -297,11 +296,7 @@ class BrainAlign(StageModule):
 
     def compute_losses(self, batch: dict[str, Any], train: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         w = self.weights
-        if train:  # a fresh reference caption per sample and step
-            picks = torch.randint(0, 1 << 30, (len(batch["captions"]),)).tolist()
-            captions = [c[p % len(c)] for c, p in zip(batch["captions"], picks)]
-        else:
-            captions = [c[0] for c in batch["captions"]]
+        captions = self.pick_captions(batch["captions"], train)
         image_ids = batch["image_id"].to(self.device)
         brain, bias = self.brain_inputs(batch["fmri"], batch["subject"])              # (B, N, D), (B, Q, H)
         losses: dict[str, Tensor] = {}
@@ -327,24 +322,6 @@ class BrainAlign(StageModule):
         if w["lm"] > 0:
             losses["lm"] = self.bridge.lm_loss(query_out, captions)
         return losses, metrics
-
-    def _step(self, batch: dict[str, Any], stage: str) -> Tensor:
-        losses, metrics = self.compute_losses(batch, train=stage == "train")
-        total = sum(self.weights[k] * v for k, v in losses.items())
-        B = len(batch["key"])
-        self.log(f"{stage}/loss", total, prog_bar=True, batch_size=B, sync_dist=stage != "train")
-        self.log_dict({f"{stage}/{k}": v for k, v in {**losses, **metrics}.items()}, batch_size=B,
-                      sync_dist=stage != "train")
-        return total
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        return self.guard_loss(self._step(batch, "train"), batch)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
         captions = self.caption(batch["fmri"], batch["subject"])

@@ -239,3 +239,40 @@ def record_in_export(folder: str | Path, metadata: dict[str, Any]) -> None:
     path = Path(folder) / "config.json"
     config = json.loads(path.read_text())
     write_json_atomic(path, {**metadata, **config})
+
+
+class WeightedLossStage(StageModule):
+    """A stage whose loss is a weighted sum of named terms (stage 2 and adapt): a subclass sets
+    `self.weights` ({name: weight}) and gives `compute_losses(batch, train) -> (losses, metrics)`;
+    every step logs `<split>/loss` and each term, and training skips non-finite losses (`guard_loss`)."""
+
+    weights: dict[str, float]
+
+    def compute_losses(self, batch: dict[str, Any], train: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        raise NotImplementedError  # pragma: no cover - each stage implements it
+
+    @staticmethod
+    def pick_captions(captions: list[list[str]], train: bool) -> list[str]:
+        """One reference caption per sample: a fresh random one per step in training, else the first."""
+        if not train:
+            return [c[0] for c in captions]
+        picks = torch.randint(0, 1 << 30, (len(captions),)).tolist()
+        return [c[p % len(c)] for c, p in zip(captions, picks)]
+
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        losses, metrics = self.compute_losses(batch, train=stage == "train")
+        total = sum(self.weights[k] * v for k, v in losses.items())
+        B = len(batch["key"])
+        self.log(f"{stage}/loss", total, prog_bar=True, batch_size=B, sync_dist=stage != "train")
+        self.log_dict({f"{stage}/{k}": v for k, v in {**losses, **metrics}.items()}, batch_size=B,
+                      sync_dist=stage != "train")
+        return total
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        return self.guard_loss(self._step(batch, "train"), batch)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test")
